@@ -1,0 +1,351 @@
+"""Options, declared once.
+
+Each option is one dataclass field whose metadata carries its help text and
+bounds.  The constructor validation, the CLI flags (``--max-concurrent-streams``),
+the environment variables (``RHTTP_MAX_CONCURRENT_STREAMS``) and the settings
+reference in ``docs/settings.md`` are all derived from these declarations, so
+they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError, MTLSRequiredError
+
+__all__ = [
+    "WorkerOptions",
+    "ProxyOptions",
+    "parse_address",
+    "option_fields",
+    "env_name",
+    "flag_name",
+    "settings_reference",
+]
+
+ENV_PREFIX = "RHTTP_"
+MAX_WINDOW = 2**31 - 1
+URL_SCHEME_POLICIES = ("forwarded", "pseudo", "http", "https")
+
+
+def _opt(
+    default: Any,
+    help: str,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    choices: tuple[str, ...] | None = None,
+    cli: bool = True,
+    metavar: str | None = None,
+) -> Any:
+    meta = {
+        "help": help,
+        "minimum": minimum,
+        "maximum": maximum,
+        "choices": choices,
+        "cli": cli,
+        "metavar": metavar,
+    }
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("mutable defaults are not allowed")  # pragma: no cover
+    return field(default=default, metadata=meta)
+
+
+def parse_address(value: str, *, option: str = "address") -> tuple[str, int]:
+    """Split ``host:port`` (or ``[v6]:port``) and validate both halves."""
+    if not isinstance(value, str) or not value:
+        raise ConfigError(option, "expected HOST:PORT, got an empty value")
+    if value.startswith("["):
+        host, sep, rest = value[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise ConfigError(option, f"expected [IPv6]:PORT, got {value!r}")
+        port_text = rest[1:]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ConfigError(option, f"{host!r} is not an IPv6 address") from None
+    else:
+        host, sep, port_text = value.rpartition(":")
+        if not sep or not host:
+            raise ConfigError(option, f"expected HOST:PORT, got {value!r}")
+        if ":" in host:
+            raise ConfigError(option, f"IPv6 addresses need brackets: [{host}]:{port_text}")
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError(option, f"port must be a number 0-65535, got {port_text!r}")
+    if any(c.isspace() or c in "/@?#" for c in host):
+        raise ConfigError(option, f"invalid host {host!r}")
+    return host, int(port_text)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def option_fields(cls: type) -> Iterator[dataclasses.Field[Any]]:
+    """The fields of an options class that are real options (have help)."""
+    for f in dataclasses.fields(cls):
+        if "help" in f.metadata:
+            yield f
+
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _validate_common(obj: Any) -> None:
+    for f in option_fields(type(obj)):
+        value = getattr(obj, f.name)
+        meta = f.metadata
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, (int, float)):
+            lo, hi = meta["minimum"], meta["maximum"]
+            if lo is not None and value < lo:
+                raise ConfigError(f.name, f"must be >= {lo}, got {value!r}")
+            if hi is not None and value > hi:
+                raise ConfigError(f.name, f"must be <= {hi}, got {value!r}")
+        if meta["choices"] is not None and value not in meta["choices"]:
+            raise ConfigError(f.name, f"must be one of {', '.join(meta['choices'])}; got {value!r}")
+
+
+def _check_file(option: str, path: str | None) -> None:
+    if path is None:
+        return
+    if not os.path.isfile(path):
+        raise ConfigError(option, f"no such file: {path}")
+    if not os.access(path, os.R_OK):
+        raise ConfigError(option, f"file is not readable: {path}")
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    """Settings of a worker pool (the side that dials out and serves the app)."""
+
+    proxy: str = _opt(None, "Address of the reverse-HTTP proxy's tunnel port, HOST:PORT.", metavar="HOST:PORT")
+    cert: str | None = _opt(None, "Client certificate (PEM) presented to the proxy. Required.", metavar="FILE")
+    key: str | None = _opt(None, "Private key (PEM) of the client certificate. Required.", metavar="FILE")
+    ca: str | None = _opt(
+        None, "CA bundle (PEM) that signed the proxy's certificate; system roots when unset.", metavar="FILE"
+    )
+    server_name: str | None = _opt(
+        None,
+        "TLS server name to send (SNI) and verify; derived from the proxy host when unset"
+        " (no SNI for IP literals, whose certificate must then carry the IP).",
+        metavar="NAME",
+    )
+    connections: int = _opt(1, "Number of tunnels to keep open to the proxy.", minimum=1, maximum=1024)
+    threads: int = _opt(
+        16, "Size of the thread pool that runs the WSGI app (shared by all tunnels).", minimum=1, maximum=10000
+    )
+    max_concurrent_streams: int = _opt(
+        100,
+        "SETTINGS_MAX_CONCURRENT_STREAMS advertised per tunnel; more streams get REFUSED_STREAM.",
+        minimum=1,
+        maximum=2**31 - 1,
+    )
+    initial_window_size: int = _opt(
+        1 << 20, "Per-stream receive window advertised (bytes).", minimum=65535, maximum=MAX_WINDOW
+    )
+    connection_window_size: int = _opt(
+        1 << 26, "Connection receive window (bytes).", minimum=65535, maximum=MAX_WINDOW
+    )
+    max_header_list_size: int = _opt(
+        65536, "Largest request header list accepted (bytes, RFC 9113 accounting).", minimum=1024, maximum=1 << 24
+    )
+    ping_interval: float = _opt(30.0, "Idle seconds before a PING is sent.", minimum=0.05, maximum=86400)
+    ping_timeout: float = _opt(15.0, "Seconds to wait for a PING ACK before the tunnel is dropped.", minimum=0.05)
+    dial_timeout: float = _opt(10.0, "TCP connect timeout (seconds).", minimum=0.01)
+    handshake_timeout: float = _opt(
+        10.0, "Timeout for the TLS handshake and the proxy's first SETTINGS (seconds).", minimum=0.01
+    )
+    reconnect_min: float = _opt(
+        0.5, "First retry delay after a failed dial or handshake (seconds, jittered).", minimum=0.0
+    )
+    reconnect_max: float = _opt(30.0, "Cap of the growing retry delay (seconds).", minimum=0.0)
+    shutdown_timeout: float = _opt(
+        30.0, "How long serve_forever() lets in-flight requests finish on SIGTERM (seconds).", minimum=0.0
+    )
+    url_scheme: str = _opt(
+        "forwarded",
+        "How wsgi.url_scheme is chosen: 'forwarded' (X-Forwarded-Proto, else :scheme), 'pseudo'"
+        " (:scheme), or a fixed 'http' / 'https'.",
+        choices=URL_SCHEME_POLICIES,
+    )
+    app: Callable[..., Any] | None = field(default=None, metadata={"cli": False})
+
+    def __post_init__(self) -> None:
+        if self.proxy is None:
+            raise ConfigError("proxy", "the proxy address (HOST:PORT) is required")
+        if self.cert is None or self.key is None:
+            raise MTLSRequiredError(
+                "cert", "a client certificate and key are required: the proxy authenticates workers by mTLS"
+            )
+        parse_address(self.proxy, option="proxy")
+        _validate_common(self)
+        if self.app is not None and not callable(self.app):
+            raise ConfigError("app", f"the WSGI app must be callable, got {type(self.app).__name__}")
+        if self.reconnect_max < self.reconnect_min:
+            raise ConfigError("reconnect_max", "must be >= reconnect_min")
+        if self.server_name is not None and (not self.server_name or any(c.isspace() for c in self.server_name)):
+            raise ConfigError("server_name", f"invalid server name {self.server_name!r}")
+
+    def check_files(self) -> None:
+        """Check that the certificate, key and CA files exist and are readable."""
+        _check_file("cert", self.cert)
+        _check_file("key", self.key)
+        _check_file("ca", self.ca)
+
+    @property
+    def proxy_host(self) -> str:
+        return parse_address(self.proxy, option="proxy")[0]
+
+    @property
+    def proxy_port(self) -> int:
+        return parse_address(self.proxy, option="proxy")[1]
+
+    @property
+    def sni(self) -> str | None:
+        """The name sent in the ClientHello: None for IP literals (RFC 6066 forbids them)."""
+        if self.server_name is not None:
+            return None if _is_ip(self.server_name) else self.server_name
+        host = self.proxy_host
+        return None if _is_ip(host) else host
+
+    @property
+    def verify_name(self) -> str:
+        """The name (or IP) the proxy's certificate must match."""
+        return self.server_name if self.server_name is not None else self.proxy_host
+
+
+@dataclass(frozen=True)
+class ProxyOptions:
+    """Settings of the proxy (tunnel listener + public forwarder)."""
+
+    tunnel_bind: str = _opt("0.0.0.0:8443", "Where workers' tunnels are accepted, HOST:PORT.", metavar="HOST:PORT")
+    public_bind: str = _opt("0.0.0.0:8080", "Where public HTTP/1.1 clients connect, HOST:PORT.", metavar="HOST:PORT")
+    cert: str | None = _opt(None, "Server certificate (PEM) shown to workers. Required.", metavar="FILE")
+    key: str | None = _opt(None, "Private key of the server certificate. Required.", metavar="FILE")
+    workers_ca: str | None = _opt(
+        None, "CA bundle that signed the workers' client certificates. Required (mTLS).", metavar="FILE"
+    )
+    public_cert: str | None = _opt(None, "Certificate for TLS on the public port (optional).", metavar="FILE")
+    public_key: str | None = _opt(None, "Key for TLS on the public port.", metavar="FILE")
+    selector: str = _opt(
+        "least-in-flight", "How a worker is picked per request.", choices=("least-in-flight", "round-robin")
+    )
+    max_concurrent_streams: int = _opt(
+        100, "SETTINGS_MAX_CONCURRENT_STREAMS advertised to workers.", minimum=1, maximum=2**31 - 1
+    )
+    initial_window_size: int = _opt(
+        1 << 20, "Per-stream receive window advertised to workers (bytes).", minimum=65535, maximum=MAX_WINDOW
+    )
+    connection_window_size: int = _opt(
+        1 << 26, "Connection receive window advertised to workers (bytes).", minimum=65535, maximum=MAX_WINDOW
+    )
+    max_header_list_size: int = _opt(
+        65536, "Largest response header list accepted from a worker (bytes).", minimum=1024, maximum=1 << 24
+    )
+    response_timeout: float = _opt(
+        60.0, "Seconds to wait for a worker's response headers before answering 504.", minimum=0.01
+    )
+    handshake_timeout: float = _opt(
+        10.0, "Deadline for a worker's TLS handshake, preface and first SETTINGS (seconds).", minimum=0.01
+    )
+    ping_interval: float = _opt(30.0, "Idle seconds before a PING is sent on a tunnel.", minimum=0.05)
+    ping_timeout: float = _opt(15.0, "Seconds to wait for a PING ACK before the tunnel is detached.", minimum=0.05)
+    stream_wait: float = _opt(
+        2.0,
+        "How long a request may wait for a free stream slot when every worker is at its"
+        " MAX_CONCURRENT_STREAMS, before 503 (seconds).",
+        minimum=0.0,
+    )
+    trust_forwarded: bool = _opt(
+        False, "Keep client-supplied X-Forwarded-* headers (only behind a trusted front proxy)."
+    )
+    header_timeout: float = _opt(
+        15.0, "Turnkey server: seconds a client has to send its request head.", minimum=0.01
+    )
+    idle_timeout: float = _opt(60.0, "Turnkey server: keep-alive idle timeout (seconds).", minimum=0.01)
+    shutdown_timeout: float = _opt(30.0, "Drain time for in-flight forwards on shutdown (seconds).", minimum=0.0)
+
+    def __post_init__(self) -> None:
+        if self.cert is None or self.key is None:
+            raise ConfigError("cert", "the proxy's server certificate and key are required")
+        if self.workers_ca is None:
+            raise MTLSRequiredError(
+                "workers_ca", "a workers' CA is required: tunnels must be authenticated by client certificate"
+            )
+        parse_address(self.tunnel_bind, option="tunnel_bind")
+        parse_address(self.public_bind, option="public_bind")
+        if (self.public_cert is None) != (self.public_key is None):
+            raise ConfigError("public_cert", "public_cert and public_key go together")
+        _validate_common(self)
+
+    def check_files(self) -> None:
+        for name in ("cert", "key", "workers_ca", "public_cert", "public_key"):
+            _check_file(name, getattr(self, name))
+
+
+def options_from_env(cls: type, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The raw ``RHTTP_*`` values that name options of ``cls``."""
+    env = os.environ if environ is None else environ
+    out: dict[str, str] = {}
+    for f in option_fields(cls):
+        if f.metadata.get("cli", True) and env_name(f.name) in env:
+            out[f.name] = env[env_name(f.name)]
+    return out
+
+
+def coerce(cls: type, name: str, text: str) -> Any:
+    """Convert a CLI/env string to the option's type, naming the option on error."""
+    f = {x.name: x for x in dataclasses.fields(cls)}[name]
+    default = f.default
+    try:
+        if isinstance(default, bool):
+            low = text.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(text)
+        if isinstance(default, int):
+            return int(text)
+        if isinstance(default, float):
+            return float(text)
+    except ValueError:
+        raise ConfigError(name, f"invalid value {text!r}") from None
+    return text
+
+
+def settings_reference() -> str:
+    """Markdown reference of every option: API keyword, CLI flag, environment variable."""
+    lines = ["# Settings reference", "", "Generated from `rhttp_wsgi/options.py` by "
+             "`python -m rhttp_wsgi settings`. Every option is the same under three names.", ""]
+    for cls, title in ((WorkerOptions, "Worker (`rhttp-wsgi worker`, `WorkerPool`)"),
+                       (ProxyOptions, "Proxy (`rhttp-wsgi proxy`, `Proxy`)")):
+        lines += [f"## {title}", "", "| keyword | CLI flag | environment | default | meaning |",
+                  "|---|---|---|---|---|"]
+        for f in option_fields(cls):
+            if not f.metadata.get("cli", True):
+                continue
+            default = "required" if f.default is None and f.name in ("proxy", "cert", "key", "workers_ca") \
+                else ("unset" if f.default is None else repr(f.default))
+            lines.append(f"| `{f.name}` | `{flag_name(f.name)}` | `{env_name(f.name)}` | {default} | "
+                         f"{f.metadata['help']} |")
+        lines.append("")
+    return "\n".join(lines)

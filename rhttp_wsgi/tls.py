@@ -1,0 +1,310 @@
+"""TLS for tunnels: pyOpenSSL contexts and a memory-BIO session.
+
+OpenSSL forbids ``SSL_read`` and ``SSL_write`` on one connection from two
+threads at once (measured here: records corrupted within a fraction of a
+second under duplex load).  So the OpenSSL object never sees a socket: a
+:class:`TLSSession` works on memory BIOs, and its owner (the tunnel) calls it
+only while holding the tunnel lock.  The reader thread ``recv()``s ciphertext
+with no lock held and hands it to :meth:`TLSSession.decrypt`; the writer thread
+takes :meth:`TLSSession.encrypt`'s ciphertext and ``sendall()``s it with no
+lock held.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import time
+from typing import Any
+
+from cryptography import x509
+from OpenSSL import SSL, crypto
+
+from .errors import ALPNError, ConfigError, TLSSetupError
+
+__all__ = [
+    "client_context",
+    "server_context",
+    "TLSSession",
+    "peer_common_name",
+]
+
+log = logging.getLogger("rhttp_wsgi.tls")
+
+_READ_CHUNK = 1 << 20
+
+
+def _load_identity(ctx: SSL.Context, cert: str, key: str, *, what: str) -> None:
+    try:
+        ctx.use_certificate_chain_file(cert)
+    except SSL.Error as e:
+        raise ConfigError("cert", f"cannot load {what} certificate {cert}: {_ssl_reason(e)}") from e
+    try:
+        ctx.use_privatekey_file(key)
+    except SSL.Error as e:
+        raise ConfigError("key", f"cannot load {what} key {key}: {_ssl_reason(e)}") from e
+    try:
+        ctx.check_privatekey()
+    except SSL.Error as e:
+        raise ConfigError("key", f"{key} does not match certificate {cert}") from e
+
+
+def _ssl_reason(e: BaseException) -> str:
+    args = getattr(e, "args", ())
+    if args and isinstance(args[0], list) and args[0]:
+        parts = [str(x[2]) if isinstance(x, tuple) and len(x) > 2 else str(x) for x in args[0]]
+        return "; ".join(p for p in parts if p) or str(e)
+    return str(e) or type(e).__name__
+
+
+def _verify_callback(conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int) -> bool:
+    # OpenSSL already decided; this only keeps the reason for the log line.
+    if not ok:
+        app = conn.get_app_data()
+        if isinstance(app, dict):
+            app.setdefault("verify_error", f"{crypto.X509StoreContextError.__name__} {errno} at depth {depth}:"
+                                            f" {_x509_error_string(errno)}")
+    return bool(ok)
+
+
+def _x509_error_string(errno: int) -> str:
+    from OpenSSL._util import ffi, lib  # private, but only for a human-readable reason
+
+    try:
+        return str(ffi.string(lib.X509_verify_cert_error_string(errno)).decode())
+    except Exception:  # pragma: no cover
+        return str(errno)
+
+
+def client_context(cert: str, key: str, ca: str | None) -> SSL.Context:
+    """Context for a worker dialing a proxy: TLS >= 1.2, ALPN h2, verify the proxy, show our cert."""
+    ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+    ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION)
+    _load_identity(ctx, cert, key, what="client")
+    if ca is not None:
+        try:
+            ctx.load_verify_locations(ca)
+        except SSL.Error as e:
+            raise ConfigError("ca", f"cannot load CA bundle {ca}: {_ssl_reason(e)}") from e
+    else:
+        ctx.set_default_verify_paths()
+    ctx.set_verify(SSL.VERIFY_PEER, _verify_callback)
+    ctx.set_alpn_protos([b"h2"])
+    return ctx
+
+
+def server_context(cert: str, key: str, workers_ca: str) -> SSL.Context:
+    """Context for the proxy's tunnel port: client certificate required, ALPN h2 only."""
+    ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+    ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+    ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION | SSL.OP_CIPHER_SERVER_PREFERENCE)
+    _load_identity(ctx, cert, key, what="server")
+    try:
+        ctx.load_verify_locations(workers_ca)
+        ctx.load_client_ca(workers_ca.encode())
+    except SSL.Error as e:
+        raise ConfigError("workers_ca", f"cannot load workers' CA {workers_ca}: {_ssl_reason(e)}") from e
+    ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, _verify_callback)
+
+    def select(conn: SSL.Connection, offered: list[bytes]) -> bytes | Any:
+        return b"h2" if b"h2" in offered else SSL.NO_OVERLAPPING_PROTOCOLS
+
+    ctx.set_alpn_select_callback(select)
+    return ctx
+
+
+def _set_expected_host(conn: SSL.Connection, name: str) -> bool:
+    """Make OpenSSL check the peer's certificate against ``name`` during the handshake."""
+    try:
+        from OpenSSL._util import ffi, lib
+    except ImportError:  # pragma: no cover
+        return False
+    if not hasattr(lib, "SSL_get0_param"):  # pragma: no cover
+        return False
+    param = lib.SSL_get0_param(conn._ssl)  # type: ignore[attr-defined]
+    try:
+        ip = ipaddress.ip_address(name)
+    except ValueError:
+        ok = lib.X509_VERIFY_PARAM_set1_host(param, name.encode("ascii"), 0)
+    else:
+        ok = lib.X509_VERIFY_PARAM_set1_ip(param, ip.packed, len(ip.packed))
+    return bool(ok)
+
+
+def _cert_matches(cert: x509.Certificate, name: str) -> bool:
+    """RFC 6125 matching, used only when OpenSSL's own check is unavailable."""
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return False
+    try:
+        ip = ipaddress.ip_address(name)
+    except ValueError:
+        ip = None
+    if ip is not None:
+        return ip in sans.get_values_for_type(x509.IPAddress)
+    name = name.lower().rstrip(".")
+    for pattern in sans.get_values_for_type(x509.DNSName):
+        pattern = pattern.lower().rstrip(".")
+        if pattern == name:
+            return True
+        if pattern.startswith("*.") and "." in name and name.split(".", 1)[1] == pattern[2:]:
+            return True
+    return False
+
+
+class TLSSession:
+    """A pyOpenSSL connection over memory BIOs.
+
+    Not thread-safe: its owner serialises every call (see the module doc).
+    """
+
+    def __init__(self, ctx: SSL.Context, *, server_side: bool, sni: str | None = None,
+                 verify_name: str | None = None) -> None:
+        self._conn = SSL.Connection(ctx, None)
+        self._app: dict[str, Any] = {}
+        self._conn.set_app_data(self._app)
+        self.server_side = server_side
+        self.verify_name = verify_name
+        self._name_checked_by_openssl = False
+        if server_side:
+            self._conn.set_accept_state()
+        else:
+            self._conn.set_connect_state()
+            if sni:
+                self._conn.set_tlsext_host_name(sni.encode("idna"))
+            if verify_name:
+                self._name_checked_by_openssl = _set_expected_host(self._conn, verify_name)
+        self.closed = False
+
+    # -- handshake (owner thread only, before the tunnel threads start) ----
+
+    def handshake(self, sock: socket.socket, timeout: float) -> None:
+        """Run the handshake over ``sock`` (blocking) within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self._conn.do_handshake()
+                done = True
+            except SSL.WantReadError:
+                done = False
+            except SSL.Error as e:
+                self._flush_handshake(sock, deadline)
+                raise TLSSetupError(self._handshake_reason(e)) from e
+            self._flush_handshake(sock, deadline)
+            if done:
+                break
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TLSSetupError(f"TLS handshake timed out after {timeout:g}s")
+            sock.settimeout(remaining)
+            try:
+                data = sock.recv(65536)
+            except socket.timeout as e:
+                raise TLSSetupError(f"TLS handshake timed out after {timeout:g}s") from e
+            except OSError as e:
+                raise TLSSetupError(f"connection failed during TLS handshake: {e}") from e
+            if not data:
+                reason = "peer closed the connection during the TLS handshake"
+                if not self.server_side:
+                    reason += " (did it reject our client certificate?)"
+                raise TLSSetupError(reason)
+            self._conn.bio_write(data)
+        sock.settimeout(None)
+        self._post_handshake_checks()
+
+    def _handshake_reason(self, e: SSL.Error) -> str:
+        reason = _ssl_reason(e)
+        extra = self._app.get("verify_error")
+        if extra:
+            reason = f"{reason} ({extra})"
+        side = "client" if self.server_side else "proxy"
+        return f"TLS handshake failed: {reason}; could not verify the {side}" if extra else \
+            f"TLS handshake failed: {reason}"
+
+    def _flush_handshake(self, sock: socket.socket, deadline: float) -> None:
+        out = self.pending_output()
+        if out:
+            sock.settimeout(max(0.001, deadline - time.monotonic()))
+            try:
+                sock.sendall(out)
+            except OSError as e:
+                raise TLSSetupError(f"connection failed during TLS handshake: {e}") from e
+
+    def _post_handshake_checks(self) -> None:
+        proto = self._conn.get_alpn_proto_negotiated()
+        if proto != b"h2":
+            got = proto.decode("ascii", "replace") if proto else "no protocol"
+            raise ALPNError(f"the peer did not select ALPN h2 (got {got})")
+        if not self.server_side and self.verify_name and not self._name_checked_by_openssl:
+            cert = self.peer_certificate()
+            if cert is None or not _cert_matches(cert, self.verify_name):
+                raise TLSSetupError(f"the proxy's certificate does not match {self.verify_name!r}")
+
+    # -- data (tunnel lock held) -------------------------------------------
+
+    def decrypt(self, data: bytes) -> bytes:
+        """Feed ciphertext; return the plaintext it completes (possibly b'')."""
+        self._conn.bio_write(data)
+        chunks = []
+        while True:
+            try:
+                chunks.append(self._conn.recv(_READ_CHUNK))
+            except SSL.WantReadError:
+                break
+            except SSL.ZeroReturnError:
+                self.closed = True
+                break
+            except SSL.Error as e:
+                raise TLSSetupError(f"TLS error: {_ssl_reason(e)}") from e
+        if len(chunks) == 1:
+            return chunks[0]
+        return b"".join(chunks)
+
+    def encrypt(self, data: bytes) -> bytes:
+        """Encrypt ``data``; return all ciphertext now pending (including TLS's own records)."""
+        if data:
+            view = memoryview(data)
+            while view:
+                n = self._conn.send(view)
+                view = view[n:]
+        return self.pending_output()
+
+    def pending_output(self) -> bytes:
+        out = []
+        while True:
+            try:
+                out.append(self._conn.bio_read(_READ_CHUNK))
+            except SSL.WantReadError:
+                break
+        if len(out) == 1:
+            return out[0]
+        return b"".join(out)
+
+    def close_notify(self) -> bytes:
+        try:
+            self._conn.shutdown()
+        except SSL.Error:
+            pass
+        return self.pending_output()
+
+    # -- identity ------------------------------------------------------------
+
+    def peer_certificate(self) -> x509.Certificate | None:
+        cert = self._conn.get_peer_certificate()
+        return cert.to_cryptography() if cert is not None else None
+
+    def protocol_version(self) -> str:
+        return str(self._conn.get_protocol_version_name())
+
+
+def peer_common_name(cert: x509.Certificate | None) -> str | None:
+    if cert is None:
+        return None
+    attrs = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    if not attrs:
+        return None
+    value = attrs[0].value
+    return value if isinstance(value, str) else value.decode("utf-8", "replace")
