@@ -1,0 +1,338 @@
+"""The worker pool: keeps N tunnels to the proxy and serves a WSGI app on them.
+
+Threads: each slot has one thread that dials, handshakes and then *is* the
+tunnel's reader; the tunnel starts its own writer thread.  The app runs on the
+shared :class:`~rhttp_wsgi._pool.AppThreadPool`.  Pool-level state (slots,
+flags) is guarded by ``WorkerPool._lock``; nothing here holds it across I/O.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import FrameType, TracebackType
+from typing import Any
+
+import h2.events
+
+from ._pool import AppThreadPool
+from ._protocol import ProtocolSettings, TunnelProtocol
+from ._tunnel import Channel, Tunnel
+from .errors import ConfigError, TLSSetupError
+from .options import WorkerOptions
+from .tls import TLSSession, client_context
+from .wsgi import WSGIApp, WSGIContext, run_wsgi
+
+__all__ = ["WorkerPool", "TunnelInfo"]
+
+log = logging.getLogger("rhttp_wsgi.worker")
+
+#: After a healthy tunnel closes, reconnect within this (jittered) delay.
+REPLACE_JITTER = 0.05
+
+
+@dataclass
+class TunnelInfo:
+    """A snapshot of one slot, for monitoring."""
+
+    slot: int
+    connected: bool
+    in_flight: int
+    streams_total: int
+    reconnects: int
+    last_error: str | None
+
+
+@dataclass
+class _Slot:
+    index: int
+    generation: int = 0
+    tunnel: Tunnel | None = None
+    ready: threading.Event = field(default_factory=threading.Event)
+    failures: int = 0
+    reconnects: int = 0
+    last_error: str | None = None
+    threads: list[threading.Thread] = field(default_factory=list)
+
+
+class WorkerPool:
+    """Serve ``app`` through ``connections`` reverse-HTTP/2 tunnels to ``proxy``.
+
+    ``WorkerPool(app, proxy="proxy.example:8443", cert="w.crt", key="w.key", ca="ca.crt")``
+    or ``WorkerPool(options=WorkerOptions(...))``.  Raises
+    :class:`~rhttp_wsgi.errors.MTLSRequiredError` without a client certificate,
+    and :class:`~rhttp_wsgi.errors.ConfigError` for any invalid option.
+    """
+
+    def __init__(
+        self,
+        app: WSGIApp | None = None,
+        *,
+        options: WorkerOptions | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        rng: Callable[[], float] = random.random,
+        **kwargs: Any,
+    ) -> None:
+        if options is None:
+            options = WorkerOptions(app=app, **kwargs)
+        elif kwargs or (app is not None and options.app is not None):
+            raise TypeError("pass either options= or keyword options, not both")
+        elif app is not None:
+            options = _replace(options, app=app)
+        if options.app is None:
+            raise ConfigError("app", "a WSGI application is required")
+        options.check_files()
+        self.options = options
+        self.app: WSGIApp = options.app
+        self._ctx = client_context(options.cert or "", options.key or "", options.ca)
+        self._clock = clock
+        self._rng = rng
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._draining = threading.Event()
+        self._started = False
+        self._shutdown_done = threading.Event()
+        self._shutdown_started = False
+        self._shutdown_result = True
+        self._pool = AppThreadPool(options.threads)
+        self._slots = [_Slot(i) for i in range(options.connections)]
+        self._settings = ProtocolSettings(
+            max_concurrent_streams=options.max_concurrent_streams,
+            initial_window_size=options.initial_window_size,
+            connection_window_size=options.connection_window_size,
+            max_header_list_size=options.max_header_list_size,
+            ping_interval=options.ping_interval,
+            ping_timeout=options.ping_timeout,
+        )
+        self.requests_served = 0
+        self._retiring: list[Tunnel] = []
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def start(self) -> WorkerPool:
+        with self._lock:
+            if self._started:
+                return self
+            if self._shutdown_started:
+                raise RuntimeError("the pool was shut down")
+            self._started = True
+            for slot in self._slots:
+                self._spawn_slot_locked(slot)
+        return self
+
+    def _spawn_slot_locked(self, slot: _Slot) -> None:
+        slot.generation += 1
+        t = threading.Thread(target=self._run_slot, args=(slot, slot.generation),
+                             name=f"rhttp-tunnel-{slot.index}", daemon=True)
+        slot.threads = [x for x in slot.threads if x.is_alive()] + [t]
+        t.start()
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """True once every tunnel has completed one handshake (proxy SETTINGS received)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for slot in self._slots:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not slot.ready.wait(remaining):
+                return False
+        return True
+
+    def shutdown(self, timeout: float | None = 30.0) -> bool:
+        """GOAWAY every tunnel, let in-flight requests finish within ``timeout``, then close.
+
+        Idempotent; returns True when everything drained in time.
+        """
+        with self._lock:
+            first = not self._shutdown_started
+            self._shutdown_started = True
+        if not first:
+            self._shutdown_done.wait(timeout)
+            return self._shutdown_result
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._stopping.set()
+        self._draining.set()
+        for t in self._live_tunnels():
+            t.drain()
+        ok = True
+        for slot in self._slots:
+            for th in list(slot.threads):
+                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                th.join(remaining)
+                if th.is_alive():
+                    ok = False
+        if not ok:
+            log.warning("shutdown deadline reached; closing tunnels with requests in flight")
+            for t in self._live_tunnels():
+                t.close("shutdown deadline")
+            for slot in self._slots:
+                for th in list(slot.threads):
+                    th.join(5.0)
+        remaining = 1.0 if deadline is None else max(0.0, deadline - time.monotonic())
+        ok = self._pool.shutdown(remaining if ok else 0.0) and ok
+        self._shutdown_result = ok
+        self._shutdown_done.set()
+        log.info("worker pool stopped (%s)", "drained" if ok else "deadline reached")
+        return ok
+
+    def serve_forever(self, timeout: float | None = None) -> bool:
+        """Start, serve until SIGTERM/SIGINT, then drain within ``timeout`` (default: shutdown_timeout)."""
+        stop = threading.Event()
+        previous: dict[int, Any] = {}
+
+        def handler(signum: int, frame: FrameType | None) -> None:
+            log.info("received %s; draining", signal.Signals(signum).name)
+            stop.set()
+
+        in_main = threading.current_thread() is threading.main_thread()
+        if in_main:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                previous[sig] = signal.signal(sig, handler)
+        try:
+            self.start()
+            while not stop.wait(0.5):
+                if self._shutdown_started:
+                    break
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+        return self.shutdown(self.options.shutdown_timeout if timeout is None else timeout)
+
+    def __enter__(self) -> WorkerPool:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.shutdown(self.options.shutdown_timeout)
+
+    # -- introspection -----------------------------------------------------------
+
+    def _live_tunnels(self) -> list[Tunnel]:
+        out = []
+        with self._lock:
+            for slot in self._slots:
+                if slot.tunnel is not None:
+                    out.append(slot.tunnel)
+            out.extend(self._retiring)
+        return out
+
+    def tunnels(self) -> list[TunnelInfo]:
+        with self._lock:
+            return [
+                TunnelInfo(
+                    slot=s.index,
+                    connected=s.tunnel is not None and s.tunnel.accepting,
+                    in_flight=s.tunnel.in_flight if s.tunnel is not None else 0,
+                    streams_total=s.tunnel.streams_total if s.tunnel is not None else 0,
+                    reconnects=s.reconnects,
+                    last_error=s.last_error,
+                )
+                for s in self._slots
+            ]
+
+    # -- slot threads -------------------------------------------------------------
+
+    def _backoff(self, failures: int) -> float:
+        o = self.options
+        cap = min(o.reconnect_max, o.reconnect_min * (2 ** min(failures - 1, 20)))
+        # "equal jitter": never less than half the step, spread over the rest
+        return cap / 2 + self._rng() * cap / 2
+
+    def _run_slot(self, slot: _Slot, generation: int) -> None:
+        o = self.options
+        host, port = o.proxy_host, o.proxy_port
+        name = f"tunnel-{slot.index}"
+        while not self._stopping.is_set() and slot.generation == generation:
+            try:
+                sock, session = self._dial(host, port)
+            except (OSError, TLSSetupError) as e:
+                slot.failures += 1
+                slot.last_error = str(e)
+                delay = self._backoff(slot.failures)
+                log.warning("%s: cannot connect to %s: %s (retry in %.2fs)", name, o.proxy, e, delay)
+                self._stopping.wait(delay)
+                continue
+            peer = sock.getpeername()
+            ctx = WSGIContext(self.app, url_scheme=o.url_scheme, remote_addr=str(peer[0]),
+                              remote_port=int(peer[1]), peer_certificate=session.peer_certificate(),
+                              draining=self._draining, server_name=o.proxy_host)
+            tunnel = Tunnel(
+                sock, session, TunnelProtocol("server", self._settings),
+                name=name,
+                on_stream=lambda ch, ctx=ctx: self._pool.submit(self._serve, ch, ctx),
+                on_ready=lambda t: self._on_ready(slot, t),
+                on_goaway=lambda t, ev: self._on_goaway(slot, generation, t, ev),
+                settings_timeout=o.handshake_timeout,
+                send_timeout=max(o.ping_timeout, 1.0),
+                clock=self._clock,
+            )
+            with self._lock:
+                if self._stopping.is_set() or slot.generation != generation:
+                    sock.close()
+                    return
+                slot.tunnel = tunnel
+            reason = tunnel.run()
+            with self._lock:
+                if slot.tunnel is tunnel:
+                    slot.tunnel = None
+                if tunnel in self._retiring:
+                    self._retiring.remove(tunnel)
+            healthy = tunnel.ready.is_set()
+            if healthy:
+                log.info("%s: disconnected from %s: %s", name, o.proxy, reason)
+                slot.failures = 0
+                slot.reconnects += 1
+                delay = self._rng() * REPLACE_JITTER
+            else:
+                slot.failures += 1
+                slot.last_error = reason
+                delay = self._backoff(slot.failures)
+                log.warning("%s: handshake with %s failed: %s (retry in %.2fs)", name, o.proxy, reason, delay)
+            if slot.generation != generation:
+                return  # a replacement thread already owns this slot
+            self._stopping.wait(delay)
+
+    def _dial(self, host: str, port: int) -> tuple[socket.socket, TLSSession]:
+        o = self.options
+        sock = socket.create_connection((host, port), timeout=o.dial_timeout)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            session = TLSSession(self._ctx, server_side=False, sni=o.sni, verify_name=o.verify_name)
+            session.handshake(sock, o.handshake_timeout)
+        except BaseException:
+            sock.close()
+            raise
+        return sock, session
+
+    def _on_ready(self, slot: _Slot, tunnel: Tunnel) -> None:
+        slot.failures = 0
+        slot.last_error = None
+        log.info("%s: connected to %s (%s)", tunnel.name, self.options.proxy,
+                 tunnel.tls.protocol_version() if tunnel.tls else "plaintext")
+        slot.ready.set()
+
+    def _on_goaway(self, slot: _Slot, generation: int, tunnel: Tunnel,
+                   ev: h2.events.ConnectionTerminated) -> None:
+        # Called with the tunnel lock held: only bookkeeping here.
+        if self._stopping.is_set():
+            return
+        with self._lock:
+            if slot.generation != generation or slot.tunnel is not tunnel:
+                return
+            slot.tunnel = None
+            self._retiring = [*self._retiring, tunnel]
+            self._spawn_slot_locked(slot)
+
+    def _serve(self, ch: Channel, ctx: WSGIContext) -> None:
+        run_wsgi(ch, ctx)
+        self.requests_served += 1
+
+
+def _replace(options: WorkerOptions, **changes: Any) -> WorkerOptions:
+    import dataclasses
+
+    return dataclasses.replace(options, **changes)

@@ -1,0 +1,487 @@
+"""The PEP 3333 adapter: one HTTP/2 stream in, one WSGI call, one response out.
+
+Runs on an app thread.  It only talks to its :class:`~rhttp_wsgi._tunnel.Channel`
+(never the socket, TLS or h2 directly), so a slow or broken app costs its own
+stream and nothing else.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from types import TracebackType
+from typing import IO, Any
+from urllib.parse import unquote_to_bytes
+
+from h2.errors import ErrorCodes
+
+from ._headers import CONNECTION_SPECIFIC, valid_name, valid_value
+from ._tunnel import Channel
+from .errors import RHTTPError, StreamReset, TunnelClosed
+
+__all__ = ["WSGIContext", "run_wsgi", "InputStream", "FileWrapper"]
+
+log = logging.getLogger("rhttp_wsgi.wsgi")
+app_log = logging.getLogger("rhttp_wsgi.app")
+
+ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
+WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+_STATUS_REASON_500 = b"Internal Server Error\n"
+_NO_BODY_STATUS = frozenset({204, 304})
+
+
+class BadRequest(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class WSGIContext:
+    """What a tunnel's requests share: the app, the policy, the peer."""
+
+    __slots__ = ("app", "url_scheme", "remote_addr", "remote_port", "peer_certificate", "draining",
+                 "server_name", "request_count")
+
+    def __init__(self, app: WSGIApp, *, url_scheme: str = "forwarded", remote_addr: str = "",
+                 remote_port: int = 0, peer_certificate: Any = None,
+                 draining: threading.Event | None = None, server_name: str = "localhost") -> None:
+        self.app = app
+        self.url_scheme = url_scheme
+        self.remote_addr = remote_addr
+        self.remote_port = remote_port
+        self.peer_certificate = peer_certificate
+        self.draining = draining or threading.Event()
+        self.server_name = server_name
+        self.request_count = 0
+
+
+class InputStream:
+    """``wsgi.input``: reads pull body bytes from the stream and return flow-control credit."""
+
+    __slots__ = ("_ch", "_buf", "_eof", "timeout")
+
+    def __init__(self, channel: Channel, timeout: float | None = None) -> None:
+        self._ch = channel
+        self._buf = b""
+        self._eof = False
+        self.timeout = timeout
+
+    def _fill(self, hint: int) -> bool:
+        if self._eof:
+            return False
+        data = self._ch.read(max(hint, 1) if hint > 0 else -1, self.timeout)
+        if not data:
+            self._eof = True
+            return False
+        self._buf += data
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:
+            parts = [self._buf]
+            self._buf = b""
+            while not self._eof:
+                data = self._ch.read(-1, self.timeout)
+                if not data:
+                    self._eof = True
+                    break
+                parts.append(data)
+            return b"".join(parts)
+        while len(self._buf) < size and self._fill(size - len(self._buf)):
+            pass
+        data, self._buf = self._buf[:size], self._buf[size:]
+        return data
+
+    def readline(self, size: int | None = -1) -> bytes:
+        limit = -1 if size is None else size
+        while True:
+            idx = self._buf.find(b"\n")
+            if idx >= 0 and (limit < 0 or idx < limit):
+                line, self._buf = self._buf[: idx + 1], self._buf[idx + 1:]
+                return line
+            if 0 <= limit <= len(self._buf):
+                line, self._buf = self._buf[:limit], self._buf[limit:]
+                return line
+            if not self._fill(65536):
+                line, self._buf = self._buf, b""
+                return line
+
+    def readlines(self, hint: int = -1) -> list[bytes]:
+        lines = []
+        total = 0
+        while True:
+            line = self.readline()
+            if not line:
+                break
+            lines.append(line)
+            total += len(line)
+            if 0 < hint <= total:
+                break
+        return lines
+
+    def __iter__(self) -> Iterator[bytes]:
+        while True:
+            line = self.readline()
+            if not line:
+                return
+            yield line
+
+
+class _ErrorStream:
+    """``wsgi.errors``: text written by the app goes to the ``rhttp_wsgi.app`` logger."""
+
+    def __init__(self) -> None:
+        self._pending = ""
+
+    def write(self, s: str) -> int:
+        self._pending += s
+        while "\n" in self._pending:
+            line, self._pending = self._pending.split("\n", 1)
+            if line:
+                app_log.error("%s", line)
+        return len(s)
+
+    def writelines(self, seq: Iterable[str]) -> None:
+        for s in seq:
+            self.write(s)
+
+    def flush(self) -> None:
+        if self._pending:
+            app_log.error("%s", self._pending)
+            self._pending = ""
+
+
+class FileWrapper:
+    """``wsgi.file_wrapper``: iterate a file in blocks; ``close()`` closes it."""
+
+    def __init__(self, filelike: IO[bytes], blksize: int = 65536) -> None:
+        self.filelike = filelike
+        self.blksize = blksize
+        if hasattr(filelike, "close"):
+            self.close = filelike.close
+
+    def __iter__(self) -> Iterator[bytes]:
+        read = self.filelike.read
+        while True:
+            data = read(self.blksize)
+            if not data:
+                return
+            yield data
+
+
+def _latin1(b: bytes) -> str:
+    return b.decode("latin-1")
+
+
+def build_environ(ch: Channel, ctx: WSGIContext) -> dict[str, Any]:
+    """The environ for one request, to the letter of PEP 3333."""
+    method = scheme = authority = path = None
+    host = None
+    cookies: list[str] = []
+    environ: dict[str, Any] = {}
+    assert ch.headers is not None
+    for name_b, value_b in ch.headers:
+        if name_b[:1] == b":":
+            if name_b == b":method":
+                method = _latin1(value_b)
+            elif name_b == b":path":
+                path = value_b
+            elif name_b == b":authority":
+                authority = _latin1(value_b)
+            elif name_b == b":scheme":
+                scheme = _latin1(value_b)
+            continue
+        name = _latin1(name_b)
+        value = _latin1(value_b)
+        if name == "content-length":
+            if not value.isdigit():
+                raise BadRequest(400, f"invalid content-length {value!r}")
+            old = environ.get("CONTENT_LENGTH")
+            if old is not None and old != value:
+                raise BadRequest(400, "conflicting content-length values")
+            environ["CONTENT_LENGTH"] = value
+            continue
+        if name == "content-type":
+            environ["CONTENT_TYPE"] = value
+            continue
+        if name == "cookie":
+            cookies.append(value)
+            continue
+        if name == "host":
+            host = value
+        if "_" in name:
+            # x_foo would collide with x-foo in the environ; drop it (as nginx and gunicorn do).
+            continue
+        key = "HTTP_" + name.upper().replace("-", "_")
+        if key in environ:
+            environ[key] += ", " + value
+        else:
+            environ[key] = value
+    if method is None or path is None:
+        raise BadRequest(400, "missing :method or :path")
+    if method == "CONNECT":
+        raise BadRequest(501, "CONNECT is not supported")
+    if cookies:
+        environ["HTTP_COOKIE"] = "; ".join(cookies)
+    host_value = authority if authority is not None else host
+    if host_value is not None:
+        environ["HTTP_HOST"] = host_value
+    # :path is origin-form (or "*" for OPTIONS)
+    raw_uri = _latin1(path)
+    if path == b"*":
+        path_part, query = b"*", b""
+    else:
+        path_part, _, query = path.partition(b"?")
+        if not path_part.startswith(b"/"):
+            raise BadRequest(400, "invalid :path")
+    fwd_proto = environ.get("HTTP_X_FORWARDED_PROTO")
+    policy = ctx.url_scheme
+    if policy == "forwarded" and fwd_proto:
+        url_scheme = fwd_proto.split(",")[0].strip().lower()
+    elif policy in ("forwarded", "pseudo"):
+        url_scheme = (scheme or "http").lower()
+    else:
+        url_scheme = policy
+    if url_scheme not in ("http", "https"):
+        url_scheme = "https" if url_scheme == "wss" else "http"
+    if host_value:
+        hostname, port = _split_host(host_value, url_scheme)
+    else:
+        hostname, port = ctx.server_name, ("443" if url_scheme == "https" else "80")
+    environ.update({
+        "REQUEST_METHOD": method,
+        "SCRIPT_NAME": "",
+        "PATH_INFO": _latin1(unquote_to_bytes(path_part)),
+        "QUERY_STRING": _latin1(query),
+        "RAW_URI": raw_uri,
+        "REQUEST_URI": raw_uri,
+        "SERVER_NAME": hostname,
+        "SERVER_PORT": port,
+        "SERVER_PROTOCOL": "HTTP/2",
+        "REMOTE_ADDR": ctx.remote_addr,
+        "REMOTE_PORT": str(ctx.remote_port),
+        "wsgi.version": (1, 0),
+        "wsgi.url_scheme": url_scheme,
+        "wsgi.input": InputStream(ch),
+        "wsgi.errors": _ErrorStream(),
+        "wsgi.multithread": True,
+        "wsgi.multiprocess": False,
+        "wsgi.run_once": False,
+        "wsgi.input_terminated": True,
+        "wsgi.file_wrapper": FileWrapper,
+        "rhttp.stream_id": ch.stream_id,
+        "rhttp.cancelled": ch.cancelled,
+        "rhttp.draining": ctx.draining,
+        "rhttp.peer_certificate": ctx.peer_certificate,
+        "rhttp.trailers": lambda: _decode_pairs(ch.trailers),
+    })
+    return environ
+
+
+def _decode_pairs(pairs: list[tuple[bytes, bytes]] | None) -> list[tuple[str, str]]:
+    return [(_latin1(k), _latin1(v)) for k, v in pairs or ()]
+
+
+def _split_host(value: str, scheme: str) -> tuple[str, str]:
+    default = "443" if scheme == "https" else "80"
+    if value.startswith("["):
+        end = value.find("]")
+        if end > 0:
+            rest = value[end + 1:]
+            return value[: end + 1], rest[1:] if rest.startswith(":") and rest[1:].isdigit() else default
+        return value, default
+    host, sep, port = value.rpartition(":")
+    if sep and port.isdigit():
+        return host, port
+    return value, default
+
+
+def _encode_headers(status: str, headers: list[tuple[str, str]]) -> tuple[int, list[tuple[bytes, bytes]], int | None]:
+    if not isinstance(status, str):
+        raise TypeError(f"status must be str, got {type(status).__name__}")
+    code_text = status[:3]
+    if len(status) < 3 or not code_text.isdigit() or (len(status) > 3 and status[3] != " "):
+        raise ValueError(f"invalid status line {status!r}")
+    code = int(code_text)
+    if not 200 <= code <= 999:
+        raise ValueError(f"status {code} cannot be a final response")
+    out = [(b":status", code_text.encode("ascii"))]
+    content_length: int | None = None
+    for item in headers:
+        if not isinstance(item, tuple) or len(item) != 2:
+            raise TypeError(f"header must be a (name, value) tuple, got {item!r}")
+        name, value = item
+        if not isinstance(name, str) or not isinstance(value, str):
+            raise TypeError(f"header name and value must be str: {item!r}")
+        lname = name.lower()
+        if not valid_name(lname):
+            raise ValueError(f"invalid header name {name!r}")
+        if not valid_value(value):
+            raise ValueError(f"header {name!r} has CR, LF or NUL in its value")
+        if lname in CONNECTION_SPECIFIC:
+            continue  # forbidden in HTTP/2 (RFC 9113 §8.2.2)
+        if lname == "te" and value.strip().lower() != "trailers":
+            continue
+        if lname == "content-length":
+            v = value.strip()
+            if not v.isdigit():
+                raise ValueError(f"invalid Content-Length {value!r}")
+            content_length = int(v)
+        out.append((lname.encode("ascii"), value.strip(" \t").encode("latin-1")))
+    return code, out, content_length
+
+
+class _Response:
+    """State of one response: headers chosen, headers sent, bytes counted."""
+
+    __slots__ = ("ch", "method_head", "status", "headers", "code", "content_length", "sent_headers",
+                 "sent_bytes", "no_body")
+
+    def __init__(self, ch: Channel, head: bool) -> None:
+        self.ch = ch
+        self.method_head = head
+        self.headers: list[tuple[bytes, bytes]] | None = None
+        self.code = 0
+        self.content_length: int | None = None
+        self.sent_headers = False
+        self.sent_bytes = 0
+        self.no_body = head
+
+    def start_response(self, status: str, headers: list[tuple[str, str]],
+                       exc_info: ExcInfo | None = None) -> Callable[[bytes], None]:
+        if exc_info is not None:
+            try:
+                if self.sent_headers:
+                    raise exc_info[1].with_traceback(exc_info[2])
+            finally:
+                exc_info = None  # break the traceback cycle (PEP 3333)
+        elif self.headers is not None:
+            raise AssertionError("start_response() called twice without exc_info")
+        code, encoded, cl = _encode_headers(status, headers)
+        self.code, self.headers, self.content_length = code, encoded, cl
+        self.no_body = self.method_head or code in _NO_BODY_STATUS
+        return self.write
+
+    def _send_headers(self, end: bool) -> None:
+        if self.headers is None:
+            raise AssertionError("the application did not call start_response()")
+        self.sent_headers = True
+        self.ch.send_headers(self.headers, end_stream=end)
+
+    def write(self, data: bytes) -> None:
+        """The legacy ``write()`` callable, and the path every body chunk takes."""
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"body chunks must be bytes, got {type(data).__name__}")
+        if not data:
+            return
+        if self.headers is None:
+            raise AssertionError("write() before start_response()")
+        if self.no_body:
+            if not self.sent_headers:
+                self._send_headers(end=True)
+            return
+        n = len(data)
+        if self.content_length is not None and self.sent_bytes + n > self.content_length:
+            raise _LengthMismatch(
+                f"the app sent more than its Content-Length ({self.content_length}) bytes")
+        if not self.sent_headers:
+            self._send_headers(end=False)
+        self.sent_bytes += n
+        self.ch.write(bytes(data))
+
+    def finish(self) -> None:
+        if not self.sent_headers:
+            if self.headers is None:
+                raise AssertionError("the application returned without calling start_response()")
+            if self.content_length is not None and self.content_length != 0 and not self.no_body:
+                raise _LengthMismatch(f"the app sent 0 of its Content-Length ({self.content_length}) bytes")
+            self._send_headers(end=True)
+            return
+        if self.no_body:
+            return
+        if self.content_length is not None and self.sent_bytes != self.content_length:
+            raise _LengthMismatch(
+                f"the app sent {self.sent_bytes} of its Content-Length ({self.content_length}) bytes")
+        self.ch.end()
+
+
+class _LengthMismatch(Exception):
+    pass
+
+
+def _error_response(ch: Channel, status: int, message: str) -> None:
+    body = f"{message}\n".encode("utf-8", "replace")
+    try:
+        ch.send_headers([(b":status", str(status).encode()), (b"content-type", b"text/plain; charset=utf-8"),
+                         (b"content-length", str(len(body)).encode())])
+        ch.write(body, end=True)
+    except RHTTPError:
+        pass
+
+
+def run_wsgi(ch: Channel, ctx: WSGIContext) -> None:
+    """Serve one stream with the app (app thread)."""
+    ctx.request_count += 1
+    if ch.error is not None:  # reset while it waited in the queue: do not run the app
+        return
+    try:
+        environ = build_environ(ch, ctx)
+    except BadRequest as e:
+        log.info("stream %d: %d %s", ch.stream_id, e.status, e)
+        _error_response(ch, e.status, str(e))
+        return
+    resp = _Response(ch, environ["REQUEST_METHOD"] == "HEAD")
+    result: Iterable[bytes] | None = None
+    try:
+        result = ctx.app(environ, resp.start_response)
+        if resp.no_body and resp.headers is not None:
+            # HEAD / 204 / 304: do not iterate the body (PEP 3333 allows it).
+            resp.finish()
+        elif isinstance(result, (list, tuple)) and len(result) == 1 and resp.headers is not None \
+                and not resp.sent_headers:
+            # The common case: one body chunk known up front goes out with its
+            # headers and END_STREAM in a single writer pass.
+            chunk = result[0]
+            if not isinstance(chunk, (bytes, bytearray)):
+                raise TypeError(f"body chunks must be bytes, got {type(chunk).__name__}")
+            if resp.content_length is not None and len(chunk) != resp.content_length:
+                raise _LengthMismatch(
+                    f"the app sent {len(chunk)} of its Content-Length ({resp.content_length}) bytes")
+            if not chunk:
+                resp.finish()
+            else:
+                resp._send_headers(end=False)
+                resp.sent_bytes = len(chunk)
+                ch.write(bytes(chunk), end=True)
+        else:
+            for chunk in result:
+                if chunk:
+                    resp.write(chunk)
+                elif not isinstance(chunk, (bytes, bytearray)):
+                    raise TypeError(f"body chunks must be bytes, got {type(chunk).__name__}")
+            resp.finish()
+    except (StreamReset, TunnelClosed) as e:
+        log.debug("stream %d: gave up, %s", ch.stream_id, e)
+    except _LengthMismatch as e:
+        log.error("stream %d: %s; resetting the stream", ch.stream_id, e)
+        ch.reset(ErrorCodes.INTERNAL_ERROR)
+    except Exception:
+        if ch.error is not None:
+            log.debug("stream %d: app failed after the stream ended", ch.stream_id, exc_info=True)
+        elif not resp.sent_headers:
+            log.error("stream %d: application error before headers; answering 500", ch.stream_id,
+                      exc_info=True)
+            _error_response(ch, 500, "Internal Server Error")
+        else:
+            log.error("stream %d: application error after headers; resetting the stream", ch.stream_id,
+                      exc_info=True)
+            ch.reset(ErrorCodes.INTERNAL_ERROR)
+    finally:
+        close = getattr(result, "close", None)
+        if close is not None:
+            try:
+                close()
+            except Exception:
+                log.error("stream %d: the iterable's close() failed", ch.stream_id, exc_info=True)
