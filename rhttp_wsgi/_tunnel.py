@@ -474,10 +474,15 @@ class Tunnel:
                             break
                 plain = proto.data_to_send()
                 if tls is not None:
-                    if final:
-                        cipher = tls.encrypt(plain) + tls.close_notify()
-                    else:
-                        cipher = tls.encrypt(plain) if plain else tls.pending_output()
+                    try:
+                        if final:
+                            cipher = tls.encrypt(plain) + tls.close_notify()
+                        else:
+                            cipher = tls.encrypt(plain) if plain else tls.pending_output()
+                    except TLSSetupError as e:
+                        self._close_locked(str(e))
+                        final = True
+                        cipher = b""
                 else:
                     cipher = plain
             if cipher:

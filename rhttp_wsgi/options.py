@@ -191,11 +191,11 @@ class WorkerOptions:
     def __post_init__(self) -> None:
         if self.proxy is None:
             raise ConfigError("proxy", "the proxy address (HOST:PORT) is required")
+        parse_address(self.proxy, option="proxy")
         if self.cert is None or self.key is None:
             raise MTLSRequiredError(
                 "cert", "a client certificate and key are required: the proxy authenticates workers by mTLS"
             )
-        parse_address(self.proxy, option="proxy")
         _validate_common(self)
         if self.app is not None and not callable(self.app):
             raise ConfigError("app", f"the WSGI app must be callable, got {type(self.app).__name__}")

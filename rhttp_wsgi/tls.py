@@ -267,9 +267,13 @@ class TLSSession:
         """Encrypt ``data``; return all ciphertext now pending (including TLS's own records)."""
         if data:
             view = memoryview(data)
-            while view:
-                n = self._conn.send(view)
-                view = view[n:]
+            try:
+                while view:
+                    n = self._conn.send(view)
+                    view = view[n:]
+            except SSL.Error as e:
+                # e.g. the peer's alert already failed the session
+                raise TLSSetupError(f"TLS error while sending: {_ssl_reason(e) or 'session failed'}") from e
         return self.pending_output()
 
     def pending_output(self) -> bytes:
