@@ -536,24 +536,28 @@ class H2Peer:
                 self.send_stream_window[stream_id] -= n
         self.send_frame(f)
 
-    def send_body(self, stream_id: int, data: bytes, *, end_stream: bool = True,
+    def send_body(self, stream_id: int, data: bytes, *, end_stream: bool = True, pad: int | None = None,
                   timeout: float = DEFAULT_TIMEOUT) -> None:
-        """Send ``data`` within the windows the worker granted, waiting for WINDOW_UPDATEs."""
+        """Send ``data`` within the windows the worker granted, waiting for WINDOW_UPDATEs.
+
+        With ``pad`` every DATA frame carries that much padding (which is
+        flow controlled too: RFC 9113 §6.1).
+        """
+        overhead = 0 if pad is None else pad + 1
         view = memoryview(data)
         while view:
             with self.cond:
-                ok = self.cond.wait_for(
-                    lambda: self.eof or (self.send_conn_window > 0
-                                         and self.send_stream_window.get(stream_id, 0) > 0),
-                    timeout)
-                if not ok or self.eof:
+                def room() -> int:
+                    return min(self.send_conn_window, self.send_stream_window.get(stream_id, 0),
+                               self.worker_settings.get(S.MAX_FRAME_SIZE, 16384)) - overhead
+
+                if not self.cond.wait_for(lambda: self.eof or room() > 0, timeout) or self.eof:
                     raise AssertionError(f"no send window on stream {stream_id} within {timeout}s "
                                          f"(conn {self.send_conn_window}, "
                                          f"stream {self.send_stream_window.get(stream_id)}); {self.dump()}")
-                n = min(len(view), self.send_conn_window, self.send_stream_window[stream_id],
-                        self.worker_settings.get(S.MAX_FRAME_SIZE, 16384))
+                n = min(len(view), room())
             chunk, view = view[:n], view[n:]
-            self.send_data(stream_id, bytes(chunk), end_stream=end_stream and not view)
+            self.send_data(stream_id, bytes(chunk), end_stream=end_stream and not view, pad=pad)
         if not data and end_stream:
             self.send_data(stream_id, b"", end_stream=True)
 
@@ -612,6 +616,9 @@ class WorkerHarness:
         self.ctx = WSGIContext(app, **(ctx_kw or {}))
         self.proto = TunnelProtocol("server", settings or ProtocolSettings())
         self.dispatched = 0
+        #: run_wsgi calls that returned (the app thread is free again)
+        self.served = 0
+        self._served_cond = threading.Condition()
         self.tunnel = Tunnel(a, None, self.proto, name="worker", on_stream=self._on_stream,
                              settings_timeout=settings_timeout, **(tunnel_kw or {}))
         self.reason: str | None = None
@@ -626,7 +633,20 @@ class WorkerHarness:
 
     def _on_stream(self, ch: Any) -> None:
         self.dispatched += 1
-        self.pool.submit(run_wsgi, ch, self.ctx)
+        self.pool.submit(self._serve, ch)
+
+    def _serve(self, ch: Any) -> None:
+        try:
+            run_wsgi(ch, self.ctx)
+        finally:
+            with self._served_cond:
+                self.served += 1
+                self._served_cond.notify_all()
+
+    def wait_served(self, n: int, timeout: float = DEFAULT_TIMEOUT) -> None:
+        with self._served_cond:
+            if not self._served_cond.wait_for(lambda: self.served >= n, timeout):
+                raise AssertionError(f"only {self.served} of {n} app calls returned within {timeout}s")
 
     def _run(self) -> None:
         self.reason = self.tunnel.run()
