@@ -67,6 +67,13 @@ class ProtocolSettings:
     ping_timeout: float = 15.0
 
 
+def _error_code_from_int(code: int) -> ErrorCodes | int:
+    try:
+        return ErrorCodes(code)
+    except ValueError:
+        return code
+
+
 class StreamRefused(h2.events.Event):
     """A peer-initiated stream was refused (beyond MAX_CONCURRENT_STREAMS or while draining)."""
 
@@ -108,13 +115,13 @@ class _H2Connection(h2.connection.H2Connection):
                 return self._refuse(frame, ErrorCodes.REFUSED_STREAM)
             if self.open_inbound_streams >= self.local_settings.max_concurrent_streams:
                 return self._refuse(frame, ErrorCodes.REFUSED_STREAM)
-        return super()._receive_headers_frame(frame)  # type: ignore[no-any-return]
+        return super()._receive_headers_frame(frame)
 
     def _receive_goaway_frame(self, frame: Any) -> tuple[list[Any], list[h2.events.Event]]:
         # Report GOAWAY without moving to CLOSED: streams at or below the
         # peer's last-stream-id still complete (RFC 9113 §6.8).
         event = h2.events.ConnectionTerminated()
-        event.error_code = h2.connection._error_code_from_int(frame.error_code)
+        event.error_code = _error_code_from_int(frame.error_code)
         event.last_stream_id = frame.last_stream_id
         event.additional_data = frame.additional_data or None
         return [], [event]
@@ -140,7 +147,7 @@ class TunnelProtocol:
         )
         self.h2 = _H2Connection(config=config)
         s = self.settings
-        local: dict[int, int] = {
+        local: dict[h2.settings.SettingCodes, int] = {
             h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: s.max_concurrent_streams,
             h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: s.initial_window_size,
             h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: s.max_header_list_size,

@@ -123,7 +123,7 @@ def _set_expected_host(conn: SSL.Connection, name: str) -> bool:
         return False
     if not hasattr(lib, "SSL_get0_param"):  # pragma: no cover
         return False
-    param = lib.SSL_get0_param(conn._ssl)  # type: ignore[attr-defined]
+    param = lib.SSL_get0_param(conn._ssl)
     try:
         ip = ipaddress.ip_address(name)
     except ValueError:

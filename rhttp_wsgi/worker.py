@@ -8,6 +8,7 @@ flags) is guarded by ``WorkerPool._lock``; nothing here holds it across I/O.
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import signal
@@ -182,7 +183,7 @@ class WorkerPool:
     def serve_forever(self, timeout: float | None = None) -> bool:
         """Start, serve until SIGTERM/SIGINT, then drain within ``timeout`` (default: shutdown_timeout)."""
         stop = threading.Event()
-        previous: dict[int, Any] = {}
+        previous: dict[signal.Signals, Any] = {}
 
         def handler(signum: int, frame: FrameType | None) -> None:
             log.info("received %s; draining", signal.Signals(signum).name)
@@ -240,7 +241,7 @@ class WorkerPool:
         o = self.options
         cap = min(o.reconnect_max, o.reconnect_min * (2 ** min(failures - 1, 20)))
         # "equal jitter": never less than half the step, spread over the rest
-        return cap / 2 + self._rng() * cap / 2
+        return float(cap / 2 + self._rng() * cap / 2)
 
     def _run_slot(self, slot: _Slot, generation: int) -> None:
         o = self.options
@@ -263,7 +264,7 @@ class WorkerPool:
             tunnel = Tunnel(
                 sock, session, TunnelProtocol("server", self._settings),
                 name=name,
-                on_stream=lambda ch, ctx=ctx: self._pool.submit(self._serve, ch, ctx),
+                on_stream=functools.partial(self._submit, ctx=ctx),
                 on_ready=lambda t: self._on_ready(slot, t),
                 on_goaway=lambda t, ev: self._on_goaway(slot, generation, t, ev),
                 settings_timeout=o.handshake_timeout,
@@ -326,6 +327,9 @@ class WorkerPool:
             slot.tunnel = None
             self._retiring = [*self._retiring, tunnel]
             self._spawn_slot_locked(slot)
+
+    def _submit(self, ch: Channel, *, ctx: WSGIContext) -> None:
+        self._pool.submit(self._serve, ch, ctx)
 
     def _serve(self, ch: Channel, ctx: WSGIContext) -> None:
         run_wsgi(ch, ctx)

@@ -157,6 +157,8 @@ class H2Peer:
         self._block: list[Frame] | None = None  # open header block (HEADERS + CONTINUATIONs)
         self._thread = threading.Thread(target=self._reader, name=f"{name}-reader", daemon=True)
         self._ping_seq = 0
+        self._settings_sent = False
+        self._ack_pending = False
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -279,7 +281,12 @@ class H2Peer:
                     if S.HEADER_TABLE_SIZE in f.settings:
                         self.encoder.header_table_size = f.settings[S.HEADER_TABLE_SIZE]
                     if self.auto_ack_settings:
-                        replies.append(SettingsFrame(0, flags=["ACK"]))
+                        # A real proxy writes its own SETTINGS before it reads
+                        # anything; never let our ACK overtake them.
+                        if self._settings_sent:
+                            replies.append(SettingsFrame(0, flags=["ACK"]))
+                        else:
+                            self._ack_pending = True
             elif isinstance(f, WindowUpdateFrame):
                 if f.stream_id == 0:
                     self.send_conn_window += f.window_increment
@@ -464,7 +471,14 @@ class H2Peer:
                 self.local_max_frame_size = max(self.local_max_frame_size, settings[S.MAX_FRAME_SIZE])
             if S.HEADER_TABLE_SIZE in settings:
                 self.decoder.max_allowed_table_size = settings[S.HEADER_TABLE_SIZE]
-        self.send_frame(SettingsFrame(0, settings=settings))
+            frames: list[Frame] = [SettingsFrame(0, settings=settings)]
+            if not self._settings_sent:
+                self._settings_sent = True
+                if self._ack_pending:
+                    self._ack_pending = False
+                    frames.append(SettingsFrame(0, flags=["ACK"]))
+            # sent under the condition so the reader cannot slip an ACK in first
+            self.send_frame(*frames)
 
     def send_window_update(self, stream_id: int, increment: int) -> None:
         with self.cond:
