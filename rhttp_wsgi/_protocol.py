@@ -17,7 +17,7 @@ preface direction to the role, so each role needs one adjustment:
   preface in ``initiate_connection()``.  We strip it from the output and
   consume the worker's preface from the input before h2 sees the bytes.
 
-It also fixes three behaviours of h2 4.x that a tunnel cannot live with:
+It also fixes four behaviours of h2 4.x that a tunnel cannot live with:
 
 * a HEADERS frame beyond SETTINGS_MAX_CONCURRENT_STREAMS raises
   ``TooManyStreamsError`` *before* HPACK decoding, which, unhandled, kills the
@@ -27,7 +27,10 @@ It also fixes three behaviours of h2 4.x that a tunnel cannot live with:
   GOAWAY only stops *new* streams (RFC 9113 §6.8), so here it is reported as
   an event without closing the connection state machine;
 * the first frame from the peer must be SETTINGS (RFC 9113 §3.4), which h2
-  does not check.
+  does not check;
+* a malformed request (invalid header fields, DATA disagreeing with
+  content-length) is a stream error (RFC 9113 §8.1.1); h2 raises a connection
+  error, which would kill every stream of the tunnel.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ import h2.exceptions
 import h2.settings
 import h2.stream
 from h2.errors import ErrorCodes
-from hyperframe.frame import RstStreamFrame
+from hyperframe.frame import RstStreamFrame, WindowUpdateFrame
 
 from .errors import ProtocolViolation
 
@@ -115,7 +118,61 @@ class _H2Connection(h2.connection.H2Connection):
                 return self._refuse(frame, ErrorCodes.REFUSED_STREAM)
             if self.open_inbound_streams >= self.local_settings.max_concurrent_streams:
                 return self._refuse(frame, ErrorCodes.REFUSED_STREAM)
-        return super()._receive_headers_frame(frame)
+        # (h2 re-reads content-length from trailers, i.e. forgets it: keep it)
+        expected = getattr(self.streams.get(sid), "_expected_content_length", None)
+        try:
+            frames, events = super()._receive_headers_frame(frame)
+        except h2.exceptions.ProtocolError as e:
+            stream = self.streams.get(sid)
+            # h2 raises a plain ProtocolError (no __cause__) when a decoded
+            # request fails header validation: uppercase or invalid names, CR/LF/NUL
+            # in values, connection-specific fields, bad pseudo-headers, trailers
+            # without END_STREAM.  RFC 9113 §8.1.1 makes that a *stream* error;
+            # unhandled it killed the whole tunnel.  The block was decoded, so
+            # HPACK is in sync: reset just this stream.  Subclasses (flow
+            # control, closed stream, DoS) and HPACK/state failures (which carry
+            # a __cause__) stay connection errors.  Worker (server) role only.
+            if (type(e) is not h2.exceptions.ProtocolError or e.__cause__ is not None
+                    or stream is None or self.config.client_side):
+                raise
+            return self._malformed(stream, [])
+        if "END_STREAM" in frame.flags and not self.config.client_side:
+            # h2 checks content-length only when DATA arrives: a request that
+            # announced a body and ended on its HEADERS (or trailers) without
+            # it is malformed too (RFC 9113 §8.1.1).
+            stream = self.streams.get(sid)
+            if expected is None:  # the request's own HEADERS
+                expected = getattr(stream, "_expected_content_length", None)
+            if stream is not None and expected is not None \
+                    and expected != getattr(stream, "_actual_content_length", expected):
+                return self._malformed(stream, frames)
+        return frames, events
+
+    def _malformed(self, stream: Any, frames: list[Any]) -> tuple[list[Any], list[h2.events.Event]]:
+        """Reset a peer's malformed request with PROTOCOL_ERROR (a stream error)."""
+        self.state_machine.process_input(h2.connection.ConnectionInputs.SEND_RST_STREAM)
+        frames = [*frames, *stream.reset_stream(ErrorCodes.PROTOCOL_ERROR)]
+        return frames, [h2.events.StreamReset(stream_id=stream.stream_id, error_code=ErrorCodes.PROTOCOL_ERROR,
+                                              remote_reset=False)]
+
+    def _receive_data_frame(self, frame: Any) -> tuple[list[Any], list[h2.events.Event]]:
+        try:
+            return super()._receive_data_frame(frame)
+        except h2.exceptions.InvalidBodyLengthError:
+            # DATA disagreeing with the request's content-length is a malformed
+            # request: a stream error (RFC 9113 §8.1.1), not a reason to kill
+            # every other stream of the tunnel.  Worker (server) role only.
+            stream = self.streams.get(frame.stream_id)
+            if stream is None or self.config.client_side:
+                raise
+            frames: list[Any] = []
+            # This frame is never delivered: give its bytes back to the connection window.
+            inc = self._inbound_flow_control_window_manager.process_bytes(frame.flow_controlled_length)
+            if inc:
+                wu = WindowUpdateFrame(0)
+                wu.window_increment = inc
+                frames.append(wu)
+            return self._malformed(stream, frames)
 
     def _receive_goaway_frame(self, frame: Any) -> tuple[list[Any], list[h2.events.Event]]:
         # Report GOAWAY without moving to CLOSED: streams at or below the

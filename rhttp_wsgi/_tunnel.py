@@ -455,7 +455,9 @@ class Tunnel:
                         self._close_locked(str(e))
                         final = True
                         break
-                    if self._dirty or self._ready:
+                    # poll_timers() may have queued a PING: flush it now, not
+                    # at the next wake-up (which is its ACK deadline).
+                    if self._dirty or self._ready or proto.has_output():
                         break
                     self._wake.wait(max(0.0, next_t - now))
                 self._dirty = False
@@ -541,7 +543,20 @@ class Tunnel:
                     ch.trailers = ev.headers
             elif t is h2.events.StreamReset:
                 ch = channels.get(ev.stream_id)
-                if ch is not None:
+                if ch is None:
+                    pass
+                elif (self.proto.role == "client" and ev.error_code == ErrorCodes.NO_ERROR
+                        and ch.response is not None and ch.in_ended):
+                    # RFC 9113 §8.1: a complete response, then RST_STREAM(NO_ERROR)
+                    # to stop the request body.  Keep the response; only the
+                    # upload ends (write() then raises, not by_peer).
+                    ch._out.clear()
+                    ch._out_size = 0
+                    ch._out_end = True
+                    ch.out_done = True
+                    ch._cond.notify_all()
+                    self._retire_locked(ch)
+                else:
                     ch._fail_locked(StreamReset(ev.stream_id, ev.error_code, by_peer=True))
             elif t is h2.events.WindowUpdated:
                 if ev.stream_id == 0:
@@ -551,7 +566,10 @@ class Tunnel:
                     if ch is not None and ch in self._blocked:
                         self._blocked.discard(ch)
                         self._ready.add(ch)
-                        self._dirty = True
+                        # Wake the writer: receiving WINDOW_UPDATE queues no
+                        # output, so nothing else would (it would sleep until
+                        # the next PING timer with sendable data queued).
+                        self._kick_locked()
             elif t is h2.events.RemoteSettingsChanged:
                 if SettingCodes.INITIAL_WINDOW_SIZE in ev.changed_settings:
                     self._unblock_all_locked()
@@ -568,7 +586,7 @@ class Tunnel:
         if self._blocked:
             self._ready |= self._blocked
             self._blocked.clear()
-            self._dirty = True
+            self._kick_locked()  # notify, not just flag: see WindowUpdated above
 
     def _peer_goaway_locked(self, ev: h2.events.ConnectionTerminated) -> None:
         self.peer_goaway = ev
@@ -651,9 +669,13 @@ class Tunnel:
             conn = self.proto.h2
             sid = conn.get_next_available_stream_id()
             ch = Channel(self, sid, None)
+            try:
+                conn.send_headers(sid, headers, end_stream=end_stream)
+            except h2.exceptions.TooManyStreamsError as e:
+                # The peer lowered MAX_CONCURRENT_STREAMS under us: not opened.
+                raise StreamReset(sid, ErrorCodes.REFUSED_STREAM, by_peer=False) from e
             self._channels[sid] = ch
             self.streams_total += 1
-            conn.send_headers(sid, headers, end_stream=end_stream)
             ch.headers_sent = True
             if end_stream:
                 ch._out_end = True

@@ -282,6 +282,19 @@ class ProxyOptions:
     )
     idle_timeout: float = _opt(60.0, "Turnkey server: keep-alive idle timeout (seconds).", minimum=0.01)
     shutdown_timeout: float = _opt(30.0, "Drain time for in-flight forwards on shutdown (seconds).", minimum=0.0)
+    retry_after: int = _opt(
+        1, "Retry-After (seconds) sent with 503 when no worker is available.", minimum=0, maximum=86400
+    )
+    max_request_head: int = _opt(
+        65536, "Turnkey server: largest request line + headers accepted (bytes); larger gets 431.",
+        minimum=1024, maximum=1 << 24,
+    )
+    max_request_body: int = _opt(
+        0, "Turnkey server: largest request body accepted (bytes, 0 = unlimited); larger gets 413.", minimum=0
+    )
+    max_connections: int = _opt(
+        1000, "Turnkey server: most concurrent public connections (one thread each; 0 = unlimited).", minimum=0
+    )
 
     def __post_init__(self) -> None:
         if self.cert is None or self.key is None:

@@ -11,15 +11,24 @@ tiny windows, bogus first frames) and look at exactly the frames that come back.
 What the peer does on its own (each can be switched off):
 
 * reads the worker's client preface (``peer.preface``) -- the proxy never sends one;
-* ACKs the worker's SETTINGS (``auto_ack_settings``);
+* ACKs the worker's SETTINGS (``auto_ack_settings``), but never before its own
+  SETTINGS went out (the worker requires SETTINGS as the first frame);
 * returns flow-control credit for every DATA frame it receives (``auto_window``);
-* ACKs the worker's PINGs (``auto_ack_ping``, off by default so liveness can be tested).
+* ACKs the worker's PINGs (``auto_ack_ping``; off in a bare ``H2Peer``, on in
+  ``WorkerHarness`` unless a test wants to watch liveness fail).
 
 It also *checks* the worker continuously and records anything wrong in
-``peer.violations`` (the fixture asserts the list is empty at teardown): DATA
-beyond the window the peer granted, frames larger than the peer's
-MAX_FRAME_SIZE, a non-CONTINUATION frame inside a header block, more than one
-preface, bytes after the connection closed.
+``peer.violations`` (the harness asserts the list is empty at teardown): a bad
+preface, DATA beyond the window the peer granted, frames larger than the
+peer's MAX_FRAME_SIZE, a frame inside another stream's header block, a stray
+CONTINUATION, a header block that does not HPACK-decode, an unparsable frame.
+
+Typical use (``make_worker`` is a fixture, see ``conftest.py``)::
+
+    h = make_worker(app, settings=ProtocolSettings(...), peer_settings={S.INITIAL_WINDOW_SIZE: 10})
+    h.peer.request(1, "POST", "/x", body=b"abc")
+    r = h.peer.response(1)                      # status, headers, body, trailers, reset
+    h.peer.wait_for(lambda f: isinstance(f, RstStreamFrame) and f.stream_id == 3, timeout=5)
 
 Every wait is bounded and condition-based: ``wait_for(pred, timeout)`` blocks on
 a condition variable that the reader thread notifies per frame; ``barrier()``
@@ -30,7 +39,7 @@ and their replies are queued in order).
 
 from __future__ import annotations
 
-import os
+import itertools
 import socket
 import threading
 import time
@@ -59,12 +68,12 @@ from rhttp_wsgi._tunnel import Tunnel
 from rhttp_wsgi.wsgi import WSGIContext, run_wsgi
 
 __all__ = [
+    "DEFAULT_TIMEOUT",
     "H2Peer",
     "Response",
+    "S",
     "WorkerHarness",
     "make_worker",
-    "DEFAULT_TIMEOUT",
-    "S",
 ]
 
 DEFAULT_TIMEOUT = 5.0
@@ -154,7 +163,7 @@ class H2Peer:
         # send-side flow control (windows the worker granted to us)
         self.send_conn_window = DEFAULT_WINDOW
         self.send_stream_window: dict[int, int] = {}
-        self._block: list[Frame] | None = None  # open header block (HEADERS + CONTINUATIONs)
+        self._block: list[Any] | None = None  # open header block (HEADERS + CONTINUATIONs)
         self._thread = threading.Thread(target=self._reader, name=f"{name}-reader", daemon=True)
         self._ping_seq = 0
         self._settings_sent = False
@@ -265,8 +274,10 @@ class H2Peer:
                 if w < 0:
                     self.violations.append(f"DATA beyond stream {f.stream_id}'s window ({w})")
                 if self.auto_window and n:
+                    self.recv_conn_window += n
                     replies.append(self._wu(0, n))
                     if "END_STREAM" not in f.flags:
+                        self.recv_stream_window[f.stream_id] += n
                         replies.append(self._wu(f.stream_id, n))
             elif isinstance(f, SettingsFrame):
                 if "ACK" in f.flags:
@@ -294,7 +305,7 @@ class H2Peer:
                     self.send_stream_window[f.stream_id] += f.window_increment
             elif isinstance(f, PingFrame):
                 if "ACK" not in f.flags and self.auto_ack_ping:
-                    replies.append(PingFrame(0, data=f.opaque_data, flags=["ACK"]))
+                    replies.append(PingFrame(0, opaque_data=f.opaque_data, flags=["ACK"]))
             self.frames.append(f)
             self.cond.notify_all()
         for r in replies:
@@ -352,7 +363,8 @@ class H2Peer:
 
     def wait_headers(self, stream_id: int, timeout: float = DEFAULT_TIMEOUT, start: int = 0) -> HeadersFrame:
         return self.wait_for(  # type: ignore[return-value]
-            lambda f: isinstance(f, HeadersFrame) and f.stream_id == stream_id and f.decoded is not None,
+            lambda f: (isinstance(f, HeadersFrame) and f.stream_id == stream_id
+                       and getattr(f, "decoded", None) is not None),
             timeout, start=start, what=f"complete HEADERS on stream {stream_id}")
 
     def wait_rst(self, stream_id: int, timeout: float = DEFAULT_TIMEOUT, start: int = 0) -> RstStreamFrame:
@@ -386,7 +398,7 @@ class H2Peer:
             if isinstance(f, RstStreamFrame):
                 return True
             if isinstance(f, (DataFrame, HeadersFrame)) and "END_STREAM" in f.flags:
-                if isinstance(f, HeadersFrame) and f.decoded is None:
+                if isinstance(f, HeadersFrame) and getattr(f, "decoded", None) is None:
                     return False
                 return True
         return False
@@ -406,7 +418,7 @@ class H2Peer:
                     continue
                 r.frames.append(f)
                 if isinstance(f, HeadersFrame):
-                    hs = f.decoded or []
+                    hs = getattr(f, "decoded", None) or []
                     if r.status is None or (r.status < 200 and hs and hs[0][0] == ":status"):
                         status = int(dict(hs).get(":status", "0"))
                         fields = [(k, v) for k, v in hs if not k.startswith(":")]
@@ -490,7 +502,7 @@ class H2Peer:
         self.send_frame(self._wu(stream_id, increment))
 
     def send_ping(self, data: bytes = b"\0" * 8, ack: bool = False) -> None:
-        self.send_frame(PingFrame(0, data=data, flags=["ACK"] if ack else []))
+        self.send_frame(PingFrame(0, opaque_data=data, flags=["ACK"] if ack else []))
 
     def send_goaway(self, last_stream_id: int, code: int = ErrorCodes.NO_ERROR, debug: bytes = b"") -> None:
         self.send_frame(GoAwayFrame(0, last_stream_id=last_stream_id, error_code=code, additional_data=debug))
@@ -517,7 +529,13 @@ class H2Peer:
         """
         block = self.encode(headers)
         cuts = [0, *[c for c in split if 0 < c < len(block)], len(block)]
-        parts = [block[a:b] for a, b in zip(cuts, cuts[1:])]
+        limit = self.worker_settings.get(S.MAX_FRAME_SIZE, 16384)
+        parts = []
+        for a, b in itertools.pairwise(cuts):
+            parts.append(block[a:b])
+            while len(parts[-1]) > limit:  # never exceed the worker's MAX_FRAME_SIZE
+                head = parts.pop()
+                parts += [head[:limit], head[limit:]]
         frames: list[Frame] = []
         for i, part in enumerate(parts):
             last = i == len(parts) - 1
@@ -588,16 +606,17 @@ class H2Peer:
         end_stream: bool | None = None,
         **kw: Any,
     ) -> None:
-        """HEADERS for a request, then ``body`` (flow controlled) with END_STREAM.
+        """HEADERS for a request, then ``body`` (flow controlled).
 
-        ``end_stream=False`` with no body leaves the request open.
+        The request ends (END_STREAM) unless ``end_stream=False``, which leaves
+        it open for more DATA or trailers.
         """
         hs: list[tuple[str | bytes, str | bytes]] = [(":method", method), (":scheme", scheme), (":path", path)]
         if authority is not None:
             hs.append((":authority", authority))
         hs.extend(headers)
         if end_stream is None:
-            end_stream = body is None
+            end_stream = True
         self.send_headers(stream_id, hs, end_stream=end_stream and body is None, **kw)
         if body is not None:
             self.send_body(stream_id, body, end_stream=end_stream)
@@ -720,6 +739,3 @@ def make_worker() -> Any:
         errors.append(f"leftover threads: {extra}")
     assert not errors, "; ".join(errors)
 
-
-def random_payload(n: int) -> bytes:
-    return os.urandom(n)

@@ -1,0 +1,901 @@
+"""Turnkey public HTTP/1.1 server: a small threaded WSGI server on h11.
+
+The proxy's forwarder (:mod:`rhttp_wsgi.forwarder`) is a plain WSGI app and can
+be mounted on any WSGI server; this module is the batteries-included one that
+``Proxy.start_public()`` runs.  It is a general WSGI server, but it was written
+for the forwarder's needs:
+
+* **h11 does all HTTP/1.1 parsing and framing.**  Request smuggling, chunked
+  encoding, ``Content-Length`` / ``Transfer-Encoding`` conflicts, keep-alive
+  rules and pipelining are easy to get subtly wrong by hand; h11 is a small,
+  strict, well-tested sans-I/O implementation, so this module only moves bytes
+  and builds the environ.
+* **Every body chunk the app yields is written at once** (one ``sendall`` per
+  chunk, chunked encoding when the app set no ``Content-Length``), so server-sent
+  events stream through.
+* **An exception from the app's iterable after the headers went out closes the
+  connection without the terminating zero-length chunk** (or short of the
+  ``Content-Length``): the client sees a truncated response instead of a clean
+  one that silently lacks data.
+* Timeouts: ``header_timeout`` bounds how long a client may take to send a
+  request head (slowloris), ``idle_timeout`` how long a kept-alive connection
+  may sit between requests and how long a body read or a write may stall.
+* ``Expect: 100-continue`` is answered when the app first reads
+  ``wsgi.input``; malformed requests get h11's suggested status (400, or 431
+  for an oversized head); ``max_body`` gives 413.
+
+Threads: one listener thread (``serve_forever``) and one thread per
+connection.  Nothing is shared between connections except the server's
+bookkeeping sets, guarded by ``ThreadedTCPServer._tlock``.
+"""
+
+from __future__ import annotations
+
+import http
+import io
+import logging
+import select
+import socket
+import socketserver
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from types import TracebackType
+from typing import Any
+from urllib.parse import unquote_to_bytes
+
+import h11
+
+__all__ = ["PublicServer", "RequestBodyError", "ThreadedTCPServer", "WSGIApp"]
+
+log = logging.getLogger("rhttp_wsgi.public")
+
+WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
+
+RECV_SIZE = 65536
+#: After an early response, read (and discard) at most this much of the unread
+#: request body so the client sees the response instead of a connection reset.
+DRAIN_LIMIT = 4 << 20
+DRAIN_TIME = 2.0
+#: Response headers a WSGI app must not set on an HTTP/1.1 connection; framing
+#: is h11's job (PEP 3333 forbids hop-by-hop headers from apps, too).
+_APP_HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
+                             b"upgrade", b"te", b"trailer"})
+_NO_BODY_STATUS = frozenset({204, 304})
+_POLLRDHUP: int = getattr(select, "POLLRDHUP", 0)
+
+
+class RequestBodyError(ValueError):
+    """Reading the request body failed; ``status`` is the answer (400, 408, 413)."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class _Closed(Exception):
+    """The client went away (or the server is stopping)."""
+
+
+# ---------------------------------------------------------------------------
+# A TCP server that runs each connection on its own, tracked thread
+# ---------------------------------------------------------------------------
+
+
+class ThreadedTCPServer(socketserver.TCPServer):
+    """``socketserver.TCPServer`` with one tracked thread per connection.
+
+    Unlike ``ThreadingMixIn`` it joins its threads with a deadline
+    (:meth:`join_threads`) and can close connections it is told about.
+    ``handler(sock, addr)`` runs on the connection thread; the socket is
+    closed when it returns.
+    """
+
+    allow_reuse_address = True
+    request_queue_size = 1024
+
+    def __init__(
+        self,
+        address: tuple[str, int] | None,
+        handler: Callable[[socket.socket, Any], None],
+        *,
+        name: str,
+        sock: socket.socket | None = None,
+        max_connections: int = 0,
+        on_overload: Callable[[socket.socket], None] | None = None,
+    ) -> None:
+        self._handler = handler
+        self.name = name
+        self._tlock = threading.Lock()
+        self._threads: set[threading.Thread] = set()
+        self._count = 0
+        self._max_connections = max_connections
+        self._on_overload = on_overload
+        self._closed = False
+        self.serving = False
+        if sock is not None:
+            self.address_family = sock.family
+            super().__init__(sock.getsockname(), socketserver.BaseRequestHandler, bind_and_activate=False)
+            self.socket.close()
+            self.socket = sock
+            self.server_address = sock.getsockname()
+        else:
+            assert address is not None
+            host = address[0]
+            self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            super().__init__(address, socketserver.BaseRequestHandler, bind_and_activate=True)
+
+    @property
+    def bound(self) -> tuple[str, int]:
+        addr = self.server_address
+        return str(addr[0]), int(addr[1])
+
+    def process_request(self, request: Any, client_address: Any) -> None:  # listener thread
+        with self._tlock:
+            if self._closed:
+                self.shutdown_request(request)
+                return
+            overloaded = 0 < self._max_connections <= len(self._threads)
+            self._count += 1
+            if not overloaded:
+                t = threading.Thread(target=self._run, args=(request, client_address),
+                                     name=f"{self.name}-{self._count}", daemon=True)
+                self._threads.add(t)
+        if overloaded:
+            log.warning("%s: %d connections open; refusing %s", self.name, self._max_connections,
+                        client_address)
+            if self._on_overload is not None:
+                try:
+                    self._on_overload(request)
+                except OSError:
+                    pass
+            self.shutdown_request(request)
+            return
+        try:
+            t.start()
+        except RuntimeError:
+            log.error("%s: cannot start a thread for %s", self.name, client_address)
+            with self._tlock:
+                self._threads.discard(t)
+            self.shutdown_request(request)
+
+    def _run(self, request: socket.socket, client_address: Any) -> None:  # connection thread
+        try:
+            self._handler(request, client_address)
+        except Exception:
+            log.exception("%s: connection from %s failed", self.name, client_address)
+        finally:
+            self.shutdown_request(request)
+            with self._tlock:
+                self._threads.discard(threading.current_thread())
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.exception("%s: error accepting %s", self.name, client_address)
+
+    def stop_accepting(self) -> None:
+        """Stop the accept loop (if running) and close the listening socket."""
+        with self._tlock:
+            self._closed = True
+            serving = self.serving
+        if serving:
+            self.shutdown()
+        self.server_close()
+
+    def server_close(self) -> None:
+        try:
+            self.socket.close()
+        except OSError:  # pragma: no cover
+            pass
+
+    def serve(self, poll_interval: float = 0.05) -> None:
+        """``serve_forever`` unless already stopped (then return at once)."""
+        with self._tlock:
+            if self._closed:
+                return
+            self.serving = True
+        self.serve_forever(poll_interval)
+
+    def threads(self) -> list[threading.Thread]:
+        with self._tlock:
+            return list(self._threads)
+
+    def join_threads(self, timeout: float | None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for t in self.threads():
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            t.join(remaining)
+        return not self.threads()
+
+
+# ---------------------------------------------------------------------------
+# The WSGI server
+# ---------------------------------------------------------------------------
+
+
+class PublicServer:
+    """A threaded HTTP/1.1 (keep-alive) WSGI server on h11, optionally over TLS.
+
+    ``PublicServer(app, ("0.0.0.0", 8080)).start()`` returns the bound
+    address; :meth:`shutdown` stops accepting, lets in-flight requests finish
+    within the timeout, then closes every connection.
+    """
+
+    def __init__(
+        self,
+        app: WSGIApp,
+        address: tuple[str, int] | None = None,
+        *,
+        sock: socket.socket | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        header_timeout: float = 15.0,
+        idle_timeout: float = 60.0,
+        max_head: int = 65536,
+        max_body: int = 0,
+        max_connections: int = 0,
+        name: str = "rhttp-public",
+    ) -> None:
+        self.app = app
+        self.ssl_context = ssl_context
+        self.header_timeout = header_timeout
+        self.idle_timeout = idle_timeout
+        self.max_head = max_head
+        self.max_body = max_body
+        self.name = name
+        self.url_scheme = "https" if ssl_context is not None else "http"
+        self.stopping = threading.Event()
+        self._conns: set[_Connection] = set()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._server = ThreadedTCPServer(address, self._handle, name=name, sock=sock,
+                                         max_connections=max_connections, on_overload=_send_overloaded)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self._server.bound
+
+    def start(self) -> tuple[str, int]:
+        """Serve in a background thread; returns the bound (host, port)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self.serve_forever, name=f"{self.name}-listener",
+                                            daemon=True)
+            self._thread.start()
+        return self.address
+
+    def serve_forever(self) -> None:
+        log.info("%s: serving HTTP/1.1%s on %s:%d", self.name, " over TLS" if self.ssl_context else "",
+                 *self.address)
+        self._server.serve()
+
+    def stop_accepting(self) -> None:
+        """Stop the listener and close kept-alive connections that are between requests."""
+        self.stopping.set()
+        self._server.stop_accepting()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(5.0)
+        with self._lock:
+            conns = list(self._conns)
+        for c in conns:
+            c.close_if_idle()
+
+    def wait(self, timeout: float | None) -> bool:
+        """Wait for every connection thread to finish; False on timeout."""
+        return self._server.join_threads(timeout)
+
+    def shutdown(self, timeout: float | None = 30.0) -> bool:
+        """Stop accepting, let in-flight requests finish within ``timeout``, close the rest.
+
+        Returns True if every connection finished in time.
+        """
+        self.stop_accepting()
+        ok = self._server.join_threads(timeout)
+        if not ok:
+            log.warning("%s: closing %d connections still busy at the deadline", self.name,
+                        len(self._server.threads()))
+            self.close_all()
+            self._server.join_threads(5.0)
+        return ok
+
+    def close_all(self) -> None:
+        with self._lock:
+            conns = list(self._conns)
+        for c in conns:
+            c.abort()
+
+    def threads(self) -> list[threading.Thread]:
+        return self._server.threads()
+
+    # -- connection thread ------------------------------------------------------
+
+    def _handle(self, sock: socket.socket, addr: Any) -> None:
+        conn = _Connection(self, sock, addr)
+        with self._lock:
+            self._conns.add(conn)
+        try:
+            conn.run()
+        finally:
+            with self._lock:
+                self._conns.discard(conn)
+            conn.close()
+
+
+def _send_overloaded(sock: socket.socket) -> None:
+    body = b"Service Unavailable: too many connections\n"
+    sock.settimeout(1.0)
+    sock.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nRetry-After: 1\r\n"
+                 b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+
+
+class _Connection:
+    """One public HTTP/1.1 connection (its own thread)."""
+
+    def __init__(self, server: PublicServer, sock: socket.socket, addr: Any) -> None:
+        self.server = server
+        self.raw = sock
+        self.sock: socket.socket = sock
+        self.addr = addr
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=server.max_head)
+        self.idle = True
+        self.closed = False
+        self.requests = 0
+        self._lock = threading.Lock()
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:  # pragma: no cover
+            pass
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def run(self) -> None:
+        s = self.server
+        if s.ssl_context is not None:
+            try:
+                self.raw.settimeout(s.header_timeout)
+                tls = s.ssl_context.wrap_socket(self.raw, server_side=True, do_handshake_on_connect=False)
+                # wrap_socket() detached the plain socket: from now on the
+                # SSLSocket owns the descriptor.
+                self.sock = self.raw = tls
+                tls.do_handshake()
+            except (OSError, ssl.SSLError) as e:
+                log.debug("%s: TLS handshake with %s failed: %s", s.name, self.addr, e)
+                return
+        while not self.closed:
+            try:
+                req = self._next_request()
+            except _Closed:
+                return
+            if req is None:
+                return
+            with self._lock:
+                self.idle = False
+            self.requests += 1
+            try:
+                keep = self._serve(req)
+            except _Closed:
+                return
+            if not keep or s.stopping.is_set():
+                return
+            if self.h11.our_state is not h11.DONE or self.h11.their_state is not h11.DONE:
+                return
+            try:
+                self.h11.start_next_cycle()
+            except h11.LocalProtocolError:
+                return
+            with self._lock:
+                if s.stopping.is_set():
+                    return
+                self.idle = True
+
+    def close_if_idle(self) -> None:
+        with self._lock:
+            if self.idle:
+                self._shutdown_socket()
+
+    def abort(self) -> None:
+        self._shutdown_socket()
+
+    def _shutdown_socket(self) -> None:
+        # Called from other threads: shut the descriptor down without touching
+        # an SSLSocket's TLS state (SSLSocket.shutdown() would drop it).
+        try:
+            socket.socket.shutdown(self.raw, socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.closed = True
+        try:
+            self.sock.close()
+        except OSError:  # pragma: no cover
+            pass
+
+    def client_gone(self) -> bool:
+        """True when the client closed its side (checked without reading; Linux POLLRDHUP)."""
+        if self.closed:
+            return True
+        if not _POLLRDHUP:
+            return False
+        try:
+            p = select.poll()
+            p.register(self.raw.fileno(), select.POLLIN | _POLLRDHUP)
+            events = p.poll(0)
+        except (OSError, ValueError):
+            return True
+        return any(mask & (_POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL)
+                   for _, mask in events)
+
+    # -- I/O ------------------------------------------------------------------------
+
+    def _recv(self, timeout: float) -> bytes:
+        if timeout <= 0:
+            raise TimeoutError("deadline passed")
+        self.sock.settimeout(timeout)
+        try:
+            return self.sock.recv(RECV_SIZE)
+        except ssl.SSLError as e:
+            raise _Closed(str(e)) from e
+
+    def _send(self, *events: Any) -> None:
+        data = b"".join(self.h11.send(ev) or b"" for ev in events)
+        if data:
+            self.sock.settimeout(self.server.idle_timeout)
+            try:
+                self.sock.sendall(data)
+            except OSError as e:
+                raise _Closed(f"write failed: {e}") from e
+
+    def _next_event(self, timeout: float) -> Any:
+        """Next h11 event for the current request body, each recv bounded by ``timeout``."""
+        while True:
+            ev = self.h11.next_event()
+            if ev is not h11.NEED_DATA:
+                return ev
+            data = self._recv(timeout)
+            self.h11.receive_data(data)
+
+    def _next_request(self) -> h11.Request | None:
+        s = self.server
+        # A fresh connection has header_timeout to send its head; a kept-alive
+        # one may idle for idle_timeout, then has header_timeout from the first byte.
+        first_byte = self.requests == 0
+        deadline = time.monotonic() + (s.header_timeout if first_byte else s.idle_timeout)
+        while True:
+            try:
+                ev = self.h11.next_event()
+            except h11.RemoteProtocolError as e:
+                self._protocol_error(e)
+                return None
+            if ev is h11.NEED_DATA:
+                try:
+                    data = self._recv(deadline - time.monotonic())
+                except TimeoutError:
+                    if self.h11.trailing_data[0]:
+                        self._simple_error(408, "request head not received in time")
+                    return None
+                except OSError:
+                    return None
+                if data and not first_byte:
+                    first_byte = True
+                    deadline = time.monotonic() + s.header_timeout
+                self.h11.receive_data(data)
+                continue
+            if isinstance(ev, h11.Request):
+                # h11 checks the size of an *incomplete* head only; a complete
+                # one that arrived in one read is measured here.
+                size = len(ev.method) + len(ev.target) + sum(len(k) + len(v) + 4 for k, v in ev.headers)
+                if size > s.max_head:
+                    self._simple_error(431, f"request head larger than {s.max_head} bytes")
+                    return None
+                return ev
+            return None  # ConnectionClosed, or a client that sent something else
+
+    def _protocol_error(self, e: h11.RemoteProtocolError) -> None:
+        status = e.error_status_hint or 400
+        log.info("%s: malformed request from %s: %s (%d)", self.server.name, self.addr, e, status)
+        self._simple_error(status, str(e))
+
+    def _simple_error(self, status: int, message: str) -> None:
+        body = f"{status} {_reason(status)}: {message}\n".encode("utf-8", "replace")
+        headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", b"%d" % len(body)),
+                   (b"connection", b"close")]
+        try:
+            if self.h11.our_state is h11.SEND_RESPONSE or self.h11.our_state is h11.IDLE:
+                self._send(h11.Response(status_code=status, headers=headers, reason=_reason(status).encode()),
+                           h11.Data(data=body), h11.EndOfMessage())
+                return
+        except (h11.LocalProtocolError, _Closed):
+            pass
+        # h11 will not write after a protocol error in some states; the
+        # answer is fixed bytes, so write it directly (nothing is parsed here).
+        raw = b"HTTP/1.1 %d %s\r\n" % (status, _reason(status).encode()) + b"".join(
+            k + b": " + v + b"\r\n" for k, v in headers) + b"\r\n" + body
+        try:
+            self.sock.settimeout(1.0)
+            self.sock.sendall(raw)
+        except OSError:
+            pass
+
+    # -- one request -------------------------------------------------------------------
+
+    def _serve(self, req: h11.Request) -> bool:
+        """Run the app for one request; True to keep the connection."""
+        s = self.server
+        if req.method == b"CONNECT":
+            self._simple_error(405, "CONNECT is not supported")
+            return False
+        if s.max_body:
+            length = _content_length(req)
+            if length is not None and length > s.max_body:
+                self._simple_error(413, f"request body larger than {s.max_body} bytes")
+                return False
+        try:
+            environ = self._environ(req)
+        except ValueError as e:
+            self._simple_error(400, str(e))
+            return False
+        resp = _Response(self, req.method == b"HEAD")
+        result: Iterable[bytes] | None = None
+        try:
+            result = s.app(environ, resp.start_response)
+            if (isinstance(result, (list, tuple)) and len(result) == 1 and resp.headers is not None
+                    and not resp.sent):
+                resp.single(bytes(result[0]))
+            else:
+                for chunk in result:
+                    if chunk:
+                        resp.write(chunk)
+                resp.finish()
+        except _Closed as e:
+            log.debug("%s: client %s went away: %s", s.name, self.addr, e)
+            return False
+        except Exception as e:
+            if resp.sent:
+                # Truncate visibly: no terminating chunk, connection closed.
+                log.warning("%s: response to %s %s failed after its headers were sent (%s: %s);"
+                            " closing the connection", s.name, req.method.decode("latin-1"),
+                            req.target.decode("latin-1"), type(e).__name__, e)
+                return False
+            status = getattr(e, "status", None)
+            if isinstance(e, RequestBodyError) or (isinstance(status, int) and 400 <= status < 500):
+                log.info("%s: bad request body from %s: %s", s.name, self.addr, e)
+                self._simple_error(int(status or 400), str(e))
+            else:
+                log.exception("%s: application error for %s %s", s.name, req.method.decode("latin-1"),
+                              req.target.decode("latin-1"))
+                self._simple_error(500, "Internal Server Error")
+            return False
+        finally:
+            close = getattr(result, "close", None)
+            if close is not None:
+                try:
+                    close()
+                except Exception:
+                    log.exception("%s: the response iterable's close() failed", s.name)
+        if self.h11.their_state is h11.SEND_BODY:
+            return self._drain_body()
+        return not resp.close_after
+
+    def _drain_body(self) -> bool:
+        """Discard an unread request body (bounded) so the connection can be reused."""
+        if self.h11.they_are_waiting_for_100_continue:
+            return False  # they have not sent it: closing is cheaper than inviting it
+        deadline = time.monotonic() + DRAIN_TIME
+        seen = 0
+        try:
+            while seen <= DRAIN_LIMIT:
+                ev = self._next_event(deadline - time.monotonic())
+                if isinstance(ev, h11.Data):
+                    seen += len(ev.data)
+                elif isinstance(ev, h11.EndOfMessage):
+                    return True
+                else:
+                    return False
+        except (OSError, h11.RemoteProtocolError, _Closed):
+            return False
+        return False
+
+    def _environ(self, req: h11.Request) -> dict[str, Any]:
+        s = self.server
+        target = req.target
+        host_override = None
+        if target == b"*":
+            path, query = b"*", b""
+        else:
+            if target[:7].lower() == b"http://" or target[:8].lower() == b"https://":
+                # absolute-form (RFC 9112 §3.2.2): the authority replaces Host
+                rest = target.split(b"//", 1)[1]
+                slash = rest.find(b"/")
+                q = rest.find(b"?")
+                cut = min(x for x in (slash, q, len(rest)) if x >= 0)
+                host_override = rest[:cut]
+                target = rest[cut:] or b"/"
+                if not target.startswith(b"/"):
+                    target = b"/" + target
+            elif not target.startswith(b"/"):
+                raise ValueError("request target must be origin-form")
+            path, _, query = target.partition(b"?")
+        local = self.raw.getsockname()
+        environ: dict[str, Any] = {
+            "REQUEST_METHOD": req.method.decode("latin-1"),
+            "SCRIPT_NAME": "",
+            "PATH_INFO": unquote_to_bytes(path).decode("latin-1") if path != b"*" else "*",
+            "QUERY_STRING": query.decode("latin-1"),
+            "RAW_URI": target.decode("latin-1"),
+            "REQUEST_URI": target.decode("latin-1"),
+            "SERVER_NAME": str(local[0]),
+            "SERVER_PORT": str(local[1]),
+            "SERVER_PROTOCOL": "HTTP/" + req.http_version.decode("latin-1"),
+            "REMOTE_ADDR": str(self.addr[0]) if isinstance(self.addr, tuple) else "",
+            "REMOTE_PORT": str(self.addr[1]) if isinstance(self.addr, tuple) else "",
+            "wsgi.version": (1, 0),
+            "wsgi.url_scheme": s.url_scheme,
+            "wsgi.input": _Input(self, _content_length(req)),
+            "wsgi.errors": _LogStream(),
+            "wsgi.multithread": True,
+            "wsgi.multiprocess": False,
+            "wsgi.run_once": False,
+            "wsgi.input_terminated": True,
+            "rhttp.client_disconnected": self.client_gone,
+        }
+        cookies: list[str] = []
+        for name_b, value_b in req.headers:
+            name = name_b.decode("latin-1")
+            value = value_b.decode("latin-1")
+            if name == "content-length":
+                environ["CONTENT_LENGTH"] = value
+                continue
+            if name == "content-type":
+                environ["CONTENT_TYPE"] = value
+                continue
+            if name == "cookie":
+                cookies.append(value)
+                continue
+            if "_" in name:
+                continue  # x_foo would impersonate x-foo in the environ
+            key = "HTTP_" + name.upper().replace("-", "_")
+            if key in environ:
+                environ[key] += ", " + value
+            else:
+                environ[key] = value
+        if cookies:
+            environ["HTTP_COOKIE"] = "; ".join(cookies)
+        if host_override is not None:
+            environ["HTTP_HOST"] = host_override.decode("latin-1")
+        return environ
+
+
+def _content_length(req: h11.Request) -> int | None:
+    for k, v in req.headers:
+        if k == b"content-length":
+            return int(v)  # h11 validated it
+    return None
+
+
+def _reason(status: int) -> str:
+    try:
+        return http.HTTPStatus(status).phrase
+    except ValueError:
+        return "Unknown"
+
+
+class _LogStream(io.TextIOBase):
+    """``wsgi.errors``: lines go to the ``rhttp_wsgi.public`` logger."""
+
+    def write(self, s: str) -> int:
+        text = s.rstrip("\n")
+        if text:
+            log.error("%s", text)
+        return len(s)
+
+    def flush(self) -> None:
+        pass
+
+
+class _Input(io.RawIOBase):
+    """``wsgi.input``: the request body, read from h11 on demand."""
+
+    def __init__(self, conn: _Connection, length: int | None) -> None:
+        self._conn = conn
+        self._buf = bytearray()
+        self._eof = False
+        self._seen = 0
+        self._length = length
+
+    def readable(self) -> bool:
+        return True
+
+    def _fill(self) -> bool:
+        """Pull one more body event; False at the end."""
+        if self._eof:
+            return False
+        c = self._conn
+        h = c.h11
+        if h.their_state is not h11.SEND_BODY:
+            self._eof = True
+            return False
+        if h.they_are_waiting_for_100_continue:
+            c._send(h11.InformationalResponse(status_code=100, headers=[]))
+        try:
+            ev = c._next_event(c.server.idle_timeout)
+        except TimeoutError as e:
+            raise RequestBodyError("the client stopped sending the request body", 408) from e
+        except h11.RemoteProtocolError as e:
+            raise RequestBodyError(f"malformed request body: {e}") from e
+        except OSError as e:
+            raise _Closed(f"read failed: {e}") from e
+        if isinstance(ev, h11.Data):
+            self._buf += ev.data
+            self._seen += len(ev.data)
+            limit = c.server.max_body
+            if limit and self._seen > limit:
+                raise RequestBodyError(f"request body larger than {limit} bytes", 413)
+            return True
+        if isinstance(ev, h11.EndOfMessage):
+            self._eof = True
+            return False
+        if isinstance(ev, h11.ConnectionClosed):
+            raise RequestBodyError("the client closed the connection mid-body")
+        raise RequestBodyError(f"unexpected {type(ev).__name__} in the request body")
+
+    def read(self, size: int | None = -1) -> bytes:
+        """Up to ``size`` bytes, fewer only at the end of the body (what most apps expect)."""
+        if size is None or size < 0:
+            while self._fill():
+                pass
+            out = bytes(self._buf)
+            self._buf.clear()
+            return out
+        while len(self._buf) < size and self._fill():
+            pass
+        out = bytes(self._buf[:size])
+        del self._buf[:size]
+        return out
+
+    def read1(self, size: int = -1) -> bytes:
+        """Whatever is available (at least one byte unless at the end): for streaming forwards."""
+        if size == 0:
+            return b""
+        while not self._buf and self._fill():
+            pass
+        if size < 0:
+            size = len(self._buf)
+        out = bytes(self._buf[:size])
+        del self._buf[:size]
+        return out
+
+    def readinto(self, b: Any) -> int:
+        data = self.read(len(b))
+        n = len(data)
+        b[:n] = data
+        return n
+
+    def readline(self, size: int | None = -1) -> bytes:
+        while True:
+            nl = self._buf.find(b"\n")
+            if nl >= 0 or (size is not None and 0 <= size <= len(self._buf)):
+                break
+            if not self._fill():
+                break
+        end = nl + 1 if nl >= 0 else len(self._buf)
+        if size is not None and 0 <= size < end:
+            end = size
+        out = bytes(self._buf[:end])
+        del self._buf[:end]
+        return out
+
+    def readlines(self, hint: int = -1) -> list[bytes]:
+        lines = []
+        total = 0
+        while True:
+            line = self.readline()
+            if not line:
+                break
+            lines.append(line)
+            total += len(line)
+            if 0 < hint <= total:
+                break
+        return lines
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
+        line = self.readline()
+        if not line:
+            raise StopIteration
+        return line
+
+
+class _Response:
+    """Status and headers chosen by the app, and whether they went out."""
+
+    def __init__(self, conn: _Connection, head: bool) -> None:
+        self.conn = conn
+        self.head = head
+        self.status = 0
+        self.reason = b""
+        self.headers: list[tuple[bytes, bytes]] | None = None
+        self.has_length = False
+        self.sent = False
+        self.no_body = head
+        self.close_after = False
+
+    def start_response(self, status: str, headers: list[tuple[str, str]],
+                       exc_info: ExcInfo | None = None) -> Callable[[bytes], None]:
+        if exc_info is not None:
+            try:
+                if self.sent:
+                    raise exc_info[1].with_traceback(exc_info[2])
+            finally:
+                exc_info = None
+        elif self.headers is not None:
+            raise AssertionError("start_response() called twice without exc_info")
+        code_text, _, reason = status.partition(" ")
+        if len(code_text) != 3 or not code_text.isdigit() or int(code_text) < 200:
+            raise ValueError(f"invalid WSGI status {status!r}")
+        out: list[tuple[bytes, bytes]] = []
+        has_length = False
+        close_after = False
+        for name, value in headers:
+            lname = name.lower().encode("latin-1")
+            if lname in _APP_HOP_BY_HOP:
+                if lname == b"connection" and "close" in value.lower():
+                    close_after = True
+                continue
+            if lname == b"content-length":
+                has_length = True
+            out.append((lname, value.encode("latin-1")))
+        self.status = int(code_text)
+        self.reason = reason.encode("latin-1")
+        self.headers = out
+        self.has_length = has_length
+        self.close_after = close_after
+        self.no_body = self.head or self.status in _NO_BODY_STATUS
+        return self.write
+
+    def _response_event(self, extra: list[tuple[bytes, bytes]] | None = None) -> h11.Response:
+        assert self.headers is not None
+        headers = list(self.headers)
+        if extra:
+            headers += extra
+        if self.close_after or self.conn.server.stopping.is_set():
+            headers.append((b"connection", b"close"))
+        self.sent = True
+        return h11.Response(status_code=self.status, headers=headers, reason=self.reason)
+
+    def write(self, data: bytes) -> None:
+        if self.headers is None:
+            raise AssertionError("write() before start_response()")
+        if not data:
+            return
+        if not self.sent:
+            if self.no_body:
+                self.conn._send(self._response_event())
+                return
+            self.conn._send(self._response_event(), h11.Data(data=bytes(data)))
+            return
+        if not self.no_body:
+            self.conn._send(h11.Data(data=bytes(data)))
+
+    def single(self, body: bytes) -> None:
+        """The whole body is known: send it with a Content-Length in one write."""
+        extra = None
+        if not self.has_length and not self.no_body:
+            extra = [(b"content-length", b"%d" % len(body))]
+        if self.no_body or not body:
+            self.conn._send(self._response_event(extra), h11.EndOfMessage())
+        else:
+            self.conn._send(self._response_event(extra), h11.Data(data=body), h11.EndOfMessage())
+
+    def finish(self) -> None:
+        if self.headers is None:
+            raise AssertionError("the application returned without calling start_response()")
+        if not self.sent:
+            self.single(b"")
+            return
+        try:
+            self.conn._send(h11.EndOfMessage())
+        except h11.LocalProtocolError as e:
+            # e.g. fewer bytes than the Content-Length promised: truncated.
+            raise ConnectionError(f"incomplete response: {e}") from e
