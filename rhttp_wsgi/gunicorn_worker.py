@@ -242,7 +242,8 @@ class RHTTPWorker(Worker):  # type: ignore[misc]  # gunicorn ships no type infor
         """Send ``rhttp_wsgi`` records to gunicorn's error log, unless logging is configured."""
         ours = logging.getLogger("rhttp_wsgi")
         error_log = getattr(self.log, "error_log", None)
-        if ours.handlers or logging.getLogger().handlers or not isinstance(error_log, logging.Logger):
+        configured = [h for h in ours.handlers if not isinstance(h, logging.NullHandler)]
+        if configured or logging.getLogger().handlers or not isinstance(error_log, logging.Logger):
             return
         for handler in error_log.handlers:
             ours.addHandler(handler)

@@ -21,6 +21,7 @@ from types import FrameType, TracebackType
 from typing import Any
 
 import h2.events
+from h2.errors import ErrorCodes
 
 from ._pool import AppThreadPool
 from ._protocol import ProtocolSettings, TunnelProtocol
@@ -36,6 +37,8 @@ log = logging.getLogger("rhttp_wsgi.worker")
 
 #: After a healthy tunnel closes, reconnect within this (jittered) delay.
 REPLACE_JITTER = 0.05
+#: A tunnel that dies this soon after its handshake, again, counts as a failure (backoff).
+FLAP_SECONDS = 1.0
 
 
 @dataclass
@@ -57,6 +60,7 @@ class _Slot:
     tunnel: Tunnel | None = None
     ready: threading.Event = field(default_factory=threading.Event)
     failures: int = 0
+    short_lived: int = 0
     reconnects: int = 0
     last_error: str | None = None
     threads: list[threading.Thread] = field(default_factory=list)
@@ -283,7 +287,22 @@ class WorkerPool:
                 if tunnel in self._retiring:
                     self._retiring.remove(tunnel)
             healthy = tunnel.ready.is_set()
-            if healthy:
+            goaway = tunnel.peer_goaway
+            refused = goaway is not None and goaway.error_code != ErrorCodes.NO_ERROR
+            short = healthy and self._clock() - tunnel.created < FLAP_SECONDS
+            flapping = short and slot.short_lived > 0
+            slot.short_lived = slot.short_lived + 1 if short else 0
+            if refused or flapping:
+                # The proxy turned us away (e.g. an attach hook refused our
+                # certificate) or keeps dropping us right after the handshake:
+                # back off like a failed dial instead of hammering it.
+                slot.failures += 1
+                code = getattr(goaway.error_code, "name", goaway.error_code) if goaway else None
+                detail = (goaway.additional_data or b"").decode("utf-8", "replace") if goaway else ""
+                slot.last_error = f"proxy sent GOAWAY({code}) {detail}".strip() if refused else reason
+                delay = self._backoff(slot.failures)
+                log.warning("%s: %s (retry in %.2fs)", name, slot.last_error, delay)
+            elif healthy:
                 log.info("%s: disconnected from %s: %s", name, o.proxy, reason)
                 slot.failures = 0
                 slot.reconnects += 1
@@ -310,7 +329,8 @@ class WorkerPool:
         return sock, session
 
     def _on_ready(self, slot: _Slot, tunnel: Tunnel) -> None:
-        slot.failures = 0
+        # failures is reset when the tunnel ends healthy, not here: a proxy that
+        # completes the handshake and then refuses us must still see backoff grow.
         slot.last_error = None
         log.info("%s: connected to %s (%s)", tunnel.name, self.options.proxy,
                  tunnel.tls.protocol_version() if tunnel.tls else "plaintext")
@@ -319,8 +339,8 @@ class WorkerPool:
     def _on_goaway(self, slot: _Slot, generation: int, tunnel: Tunnel,
                    ev: h2.events.ConnectionTerminated) -> None:
         # Called with the tunnel lock held: only bookkeeping here.
-        if self._stopping.is_set():
-            return
+        if self._stopping.is_set() or ev.error_code != ErrorCodes.NO_ERROR:
+            return  # an error GOAWAY is handled as a failure, with backoff, once the tunnel closes
         with self._lock:
             if slot.generation != generation or slot.tunnel is not tunnel:
                 return

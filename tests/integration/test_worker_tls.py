@@ -290,3 +290,21 @@ def test_invalid_options_name_the_option(pki: DemoPKI, kwargs: dict[str, object]
         WorkerPool(hello_app, **base)
     assert info.value.option == option
     assert str(info.value).startswith(option)
+
+
+def test_refused_by_proxy_goaway_backs_off(pki: DemoPKI, proxy: MiniProxy,
+                                           caplog: pytest.LogCaptureFixture) -> None:
+    """A proxy that accepts the handshake, then GOAWAYs with an error, must not be hammered."""
+    from h2.errors import ErrorCodes
+
+    caplog.set_level(logging.WARNING, "rhttp_wsgi")
+    with make_pool(pki, proxy.port, reconnect_min=0.2, reconnect_max=5) as pool:
+        assert pool.wait_ready(5)
+        for i in range(3):
+            t = proxy.wait_tunnels(1)[0]
+            t.close("refused by test", code=ErrorCodes.INADEQUATE_SECURITY)
+            assert proxy.wait_for(lambda n=i: proxy.accepted >= n + 2, 10)
+    delays = [float(r.getMessage().rsplit("retry in ", 1)[1].rstrip("s)"))
+              for r in caplog.records if "GOAWAY(INADEQUATE_SECURITY)" in r.getMessage()]
+    assert len(delays) >= 3, [r.getMessage() for r in caplog.records]
+    assert delays[0] >= 0.1 and delays[2] > delays[0], delays

@@ -545,7 +545,7 @@ def test_worker_shutdown_while_haproxy_sends(lab: Lab) -> None:
     # ("SC--", never retried: HAProxy cannot dial an rhttp@ server), which
     # also deletes the stale entry.  At most one such request per tunnel of A.
     # Anything else (a 502, a worker error, a failure later on) fails the test.
-    log_text = hp.log_text()
+    log_text = hp.log_text(limit=1 << 30)
     for f in bad:
         line = next((ln for ln in log_text.splitlines() if f"127.0.0.1:{f[3]} " in ln), "")
         assert " 503 " in line and " SC-- " in line, (
