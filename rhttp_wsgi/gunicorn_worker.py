@@ -148,7 +148,7 @@ class _Siblings:
         finally:
             self._unlock()
 
-    def set(self, age: int, pid: int, state: int) -> None:
+    def update(self, age: int, pid: int, state: int) -> None:
         self._lock()
         try:
             self._write(age, pid, state)
@@ -168,16 +168,26 @@ class _Siblings:
             out.append((age, pid, state, since))
         return out
 
-    def successor(self, age: int) -> tuple[bool, float | None]:
-        """(a younger worker is booting, settle time of the first ready younger one or None)."""
+    def _snapshot(self) -> list[tuple[int, int, int, float]]:
         now = time.monotonic()
         self._lock()
         try:
-            live = self._live(now)
+            return self._live(now)
         finally:
             self._unlock()
-        booting = any(a > age and s == _BOOTING for a, _, s, _ in live)
-        ready = [since + SETTLE for a, _, s, since in live if a > age and s == _READY]
+
+    def booting_younger(self, age: int) -> set[int]:
+        """Ages of the workers spawned after ``age`` that are booting (a reload's new workers), or
+        connected so recently that the proxy may not have attached them yet."""
+        now = time.monotonic()
+        return {a for a, _, s, since in self._snapshot()
+                if a > age and (s == _BOOTING or (s == _READY and since + SETTLE > now))}
+
+    def successor_status(self, ages: set[int]) -> tuple[bool, float | None]:
+        """Of the workers ``ages``: (one is still booting, when the first ready one is settled or None)."""
+        live = [x for x in self._snapshot() if x[0] in ages]
+        booting = any(s == _BOOTING for _, _, s, _ in live)
+        ready = [since + SETTLE for _, _, s, since in live if s == _READY]
         return booting, (min(ready) if ready else None)
 
     def claim_retirement(self, age: int, pid: int) -> bool:
@@ -234,7 +244,7 @@ class RHTTPWorker(Worker):  # type: ignore[misc]  # gunicorn ships no type infor
     # -- boot (in the worker process) ------------------------------------------------
 
     def init_process(self) -> None:
-        self.shared.set(self.age, os.getpid(), _BOOTING)
+        self.shared.update(self.age, os.getpid(), _BOOTING)
         self._route_logging()
         super().init_process()  # ... load_wsgi(), then run()
 
@@ -297,7 +307,7 @@ class RHTTPWorker(Worker):  # type: ignore[misc]  # gunicorn ships no type infor
         pool = self.pool
         assert pool is not None and self.options is not None
         if not self.alive:  # SIGTERM while booting
-            self.shared.set(self.age, os.getpid(), _EXITED)
+            self.shared.update(self.age, os.getpid(), _EXITED)
             return
         self.log.info("rhttp worker: dialling %s with %d tunnel(s), %d app thread(s)", self.options.proxy,
                       self.options.connections, self.options.threads)
@@ -309,7 +319,7 @@ class RHTTPWorker(Worker):  # type: ignore[misc]  # gunicorn ships no type infor
             else:
                 self._stop_gracefully(pool)
         finally:
-            self.shared.set(self.age, os.getpid(), _EXITED)
+            self.shared.update(self.age, os.getpid(), _EXITED)
 
     def _beat(self) -> float:
         return min(MAX_BEAT, self.timeout / 2) if self.timeout else MAX_BEAT
@@ -349,7 +359,7 @@ class RHTTPWorker(Worker):  # type: ignore[misc]  # gunicorn ships no type infor
                 break
             if not ready and pool.wait_ready(0):
                 ready = True
-                self.shared.set(self.age, pid, _READY)
+                self.shared.update(self.age, pid, _READY)
             if self.nr >= self.max_requests:
                 now = time.monotonic()
                 if limit_since is None:
@@ -362,23 +372,28 @@ class RHTTPWorker(Worker):  # type: ignore[misc]  # gunicorn ships no type infor
             self._sleep(self._beat() if ready and limit_since is None else FAST_POLL)
 
     def _await_successor(self, deadline: float) -> None:
-        """While a younger worker (a reload's) is booting, keep serving; then let it settle."""
-        waited = False
+        """If a reload's new workers are booting, keep serving until one is connected (and settled).
+
+        The successors are the younger workers that are *booting* when we are
+        told to stop: on SIGHUP the master forks the new workers, then
+        SIGTERMs the old ones.  Younger workers that are already serving are
+        not successors (on SIGHUP they are old ones too, about to be stopped).
+        """
+        successors = self.shared.booting_younger(self.age)
+        if not successors:
+            return
+        self.log.info("rhttp worker: serving until a new worker is connected")
         while not self._quick and not self._parent_gone():
-            booting, settled_at = self.shared.successor(self.age)
+            booting, settled_at = self.shared.successor_status(successors)
             now = time.monotonic()
+            if settled_at is not None and now >= settled_at:
+                return
+            if settled_at is None and not booting:
+                self.log.warning("rhttp worker: the new workers exited before connecting; draining")
+                return
             if now >= deadline:
-                if waited:
-                    self.log.warning("rhttp worker: no new worker connected in time; draining anyway")
+                self.log.warning("rhttp worker: no new worker connected in time; draining anyway")
                 return
-            if settled_at is not None:
-                if now >= settled_at:
-                    return
-            elif not booting:
-                return
-            if not waited:
-                self.log.info("rhttp worker: serving until the new worker is connected")
-                waited = True
             self.notify()
             self._sleep(FAST_POLL)
 
@@ -386,7 +401,7 @@ class RHTTPWorker(Worker):  # type: ignore[misc]  # gunicorn ships no type infor
         assert self.options is not None
         start = time.monotonic()
         budget = self.options.shutdown_timeout
-        self.shared.set(self.age, os.getpid(), _DRAINING)
+        self.shared.update(self.age, os.getpid(), _DRAINING)
         self._await_successor(start + budget / 2)
         if self._quick:
             self._stop_now(pool)

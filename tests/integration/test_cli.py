@@ -115,3 +115,46 @@ def test_settings_reference_matches_docs() -> None:
     assert r.returncode == 0
     assert (ROOT / "docs" / "settings.md").read_text() == r.stdout, \
         "docs/settings.md is stale: regenerate with `python -m rhttp_wsgi settings > docs/settings.md`"
+
+
+def test_demo_serves_page_echo_and_events_then_cleans_up() -> None:
+    """The README's main job: `rhttp-wsgi demo`, driven like a user with an HTTP client."""
+    import re
+    import time
+    import urllib.request
+
+    proc = subprocess.Popen([sys.executable, "-m", "rhttp_wsgi", "demo", "--port", "0"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    try:
+        assert proc.stderr is not None
+        deadline = time.monotonic() + 20
+        url = certs = None
+        while time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if not line:
+                break
+            lines.append(line)
+            m = re.search(r"open (http://\S+?)/  \(certificates in (\S+)\)", line)
+            if m:
+                url, certs = m.group(1), m.group(2)
+                break
+        assert url and certs, "".join(lines)
+        assert Path(certs).is_dir()
+        with urllib.request.urlopen(url + "/", timeout=10) as r:
+            assert r.status == 200 and b"behind the tunnel" in r.read()
+        req = urllib.request.Request(url + "/echo", data=b"ping", method="POST")
+        with urllib.request.urlopen(req, timeout=10) as r:
+            assert r.read() == b"ping"
+        with urllib.request.urlopen(url + "/events", timeout=10) as r:
+            assert r.headers["Content-Type"] == "text/event-stream"
+            assert r.readline().startswith(b"data: tick 0")
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    assert proc.returncode == 0, "".join(lines) + err
+    assert "demo stopped" in err
+    assert not Path(certs).exists(), "the throwaway PKI must be removed"
