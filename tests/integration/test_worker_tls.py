@@ -219,17 +219,18 @@ def test_shutdown_drains_in_flight_and_is_idempotent(pki: DemoPKI, proxy: MiniPr
     assert pool.wait_ready(5)
     tunnel = proxy.wait_tunnels(1)[0]
     result: list[object] = []
+    stopped: list[bool] = []
     th = threading.Thread(target=lambda: result.append(proxy.request("GET", "/", tunnel=tunnel)))
     th.start()
     assert started.wait(5)
-    stopper = threading.Thread(target=lambda: result.append(pool.shutdown(5)))
+    stopper = threading.Thread(target=lambda: stopped.append(pool.shutdown(5)))
     stopper.start()
     assert proxy.wait_for(lambda: tunnel.peer_goaway is not None, 5), "GOAWAY must go out first"
     release.set()
     th.join(5)
     stopper.join(10)
     assert result[0].status == 200 and result[0].body == b"done"  # type: ignore[attr-defined]
-    assert result[1] is True
+    assert stopped == [True]
     assert seen["draining"] is True
     assert pool.shutdown(1) is True  # idempotent
 
