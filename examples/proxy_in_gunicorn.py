@@ -55,11 +55,14 @@ notice it while the forwarder *waits* (for the response headers, or during a
 quiet stretch of an SSE stream), :func:`with_disconnect_probe` offers the
 forwarder ``environ["rhttp.client_disconnected"]``, a non-reading check of the
 socket gunicorn exposes as ``environ["gunicorn.socket"]`` (Linux ``POLLRDHUP``;
-elsewhere the probe reports nothing and only failed writes count).
+elsewhere the probe reports nothing and only failed writes count), and turns
+the forwarder's "client went away" error into ``BrokenPipeError``, which
+gunicorn logs at debug level instead of as a traceback.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import select
@@ -97,16 +100,59 @@ def _peer_closed(sock: socket.socket) -> bool:
     return any(mask & (_POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL) for _, mask in events)
 
 
+class _DisconnectAware:
+    """The forwarder's streamed body, with "the client went away" reported as ``BrokenPipeError``.
+
+    The forwarder ends a body whose client left by raising (so a client that
+    is still there can never mistake a cut-off body for a complete one); the
+    server should see that as the disconnect it is, not as an app error.
+    """
+
+    def __init__(self, body: Iterable[bytes], gone: Callable[[], bool]) -> None:
+        self._body = body
+        self._it = iter(body)
+        self._gone = gone
+
+    def __iter__(self) -> _DisconnectAware:
+        return self
+
+    def __next__(self) -> bytes:
+        try:
+            return next(self._it)
+        except StopIteration:
+            raise
+        except Exception as e:
+            if self._gone():
+                raise BrokenPipeError(errno.EPIPE, f"the client went away ({e})") from e
+            raise
+
+    def close(self) -> None:
+        close = getattr(self._body, "close", None)
+        if close is not None:
+            close()
+
+
 def with_disconnect_probe(app: WSGIApp, socket_key: str = "gunicorn.socket") -> WSGIApp:
-    """Give the forwarder ``rhttp.client_disconnected`` from the server's socket in ``environ``."""
+    """Give the forwarder ``rhttp.client_disconnected`` from the server's socket in ``environ``.
+
+    A streamed body that fails once the client has left is re-raised as
+    ``BrokenPipeError`` (EPIPE): gunicorn logs it at debug level instead of logging
+    a traceback for a routine disconnect.
+    """
     if not _POLLRDHUP:  # pragma: no cover - not Linux: writes still detect disconnects
         return app
 
     def probed(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         sock = environ.get(socket_key)
-        if isinstance(sock, socket.socket) and "rhttp.client_disconnected" not in environ:
-            environ["rhttp.client_disconnected"] = lambda: _peer_closed(sock)
-        return app(environ, start_response)
+        if not isinstance(sock, socket.socket) or "rhttp.client_disconnected" in environ:
+            return app(environ, start_response)
+
+        def gone() -> bool:
+            return _peer_closed(sock)
+
+        environ["rhttp.client_disconnected"] = gone
+        body = app(environ, start_response)
+        return body if isinstance(body, list) else _DisconnectAware(body, gone)
 
     return probed
 

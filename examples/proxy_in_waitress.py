@@ -37,7 +37,9 @@ with the defaults this script sets (:data:`WAITRESS_DEFAULTS`):
   that went away; the forwarder then gets ``rhttp.client_disconnected`` (from
   ``waitress.client_disconnected``) and resets the worker's stream with CANCEL
   while it is still *waiting* (for response headers or a quiet stretch of an
-  SSE stream), instead of at the next failed write.
+  SSE stream), instead of at the next failed write.  (The script also turns
+  the forwarder's "client went away" error into waitress's
+  ``ClientDisconnected``: one INFO line instead of a traceback.)
 * ``asyncore_use_poll`` (set here to True) — waitress's loop uses ``select()``
   by default, which cannot watch file descriptors above 1023; the tunnel
   sockets share the process's descriptor table, so use ``poll()``.
@@ -62,7 +64,9 @@ from typing import Any
 
 import waitress
 from waitress.adjustments import Adjustments
+from waitress.channel import ClientDisconnected
 
+from rhttp_wsgi.errors import ConfigError
 from rhttp_wsgi.options import ProxyOptions, coerce, options_from_env
 from rhttp_wsgi.proxy import Proxy
 
@@ -86,6 +90,39 @@ def load_options(environ: dict[str, str] | None = None) -> ProxyOptions:
     return ProxyOptions(**{name: coerce(ProxyOptions, name, text) for name, text in raw.items()})
 
 
+class _DisconnectAware:
+    """The forwarder's streamed body, with "the client went away" reported as waitress's ``ClientDisconnected``.
+
+    The forwarder ends a body whose client left by raising (so a client that
+    is still there can never mistake a cut-off body for a complete one);
+    waitress logs ``ClientDisconnected`` as one INFO line instead of an error
+    with a traceback.
+    """
+
+    def __init__(self, body: Iterable[bytes], gone: Callable[[], bool]) -> None:
+        self._body = body
+        self._it = iter(body)
+        self._gone = gone
+
+    def __iter__(self) -> _DisconnectAware:
+        return self
+
+    def __next__(self) -> bytes:
+        try:
+            return next(self._it)
+        except StopIteration:
+            raise
+        except Exception as e:
+            if self._gone():
+                raise ClientDisconnected(f"the client went away ({e})") from e
+            raise
+
+    def close(self) -> None:
+        close = getattr(self._body, "close", None)
+        if close is not None:
+            close()
+
+
 def with_disconnect_probe(app: WSGIApp) -> WSGIApp:
     """Hand waitress's disconnect check to the forwarder as ``rhttp.client_disconnected``.
 
@@ -93,17 +130,20 @@ def with_disconnect_probe(app: WSGIApp) -> WSGIApp:
     """
 
     def probed(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        probe = environ.get("waitress.client_disconnected")
-        if callable(probe):
-            environ.setdefault("rhttp.client_disconnected", probe)
-        return app(environ, start_response)
+        gone = environ.get("waitress.client_disconnected")
+        if not callable(gone) or "rhttp.client_disconnected" in environ:
+            return app(environ, start_response)
+        environ["rhttp.client_disconnected"] = gone
+        body = app(environ, start_response)
+        return body if isinstance(body, list) else _DisconnectAware(body, gone)
 
     return probed
 
 
 def waitress_settings(argv: Sequence[str], public_bind: str) -> dict[str, Any]:
     """waitress adjustments from ``waitress-serve``-style arguments plus our defaults."""
-    kw, args = Adjustments.parse_args(list(argv))
+    parsed, args = Adjustments.parse_args(list(argv))
+    kw: dict[str, Any] = dict(parsed)
     if kw.pop("help", False) or kw.pop("call", False) or args:
         raise SystemExit("usage: proxy_in_waitress.py [--ADJUSTMENT=VALUE ...]  (waitress-serve's"
                          " adjustments, e.g. --threads=128; no app argument)")
@@ -119,9 +159,12 @@ def waitress_settings(argv: Sequence[str], public_bind: str) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("RHTTP_LOG_LEVEL", "info").upper(),
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
-    options = load_options()
-    settings = waitress_settings(sys.argv[1:] if argv is None else argv, options.public_bind)
-    proxy = Proxy(options)
+    try:
+        options = load_options()
+        settings = waitress_settings(sys.argv[1:] if argv is None else argv, options.public_bind)
+        proxy = Proxy(options)
+    except ConfigError as e:  # one line naming the option, like `rhttp-wsgi proxy`
+        raise SystemExit(f"proxy_in_waitress: error: {e}") from None
     server = waitress.create_server(with_disconnect_probe(proxy.wsgi_app), **settings)
     host, port = proxy.start_tunnels()
     log.info("rhttp-wsgi proxy in waitress: worker tunnels on %s:%d, public HTTP on %s (%s threads)",

@@ -34,11 +34,14 @@ fails (it then calls the body's ``close()``, which resets the worker's stream
 with CANCEL and sets ``environ["rhttp.cancelled"]`` on the worker).  To also
 notice it while the forwarder *waits*, :func:`with_disconnect_probe` offers
 ``environ["rhttp.client_disconnected"]``, a non-reading check of the socket
-werkzeug exposes as ``environ["werkzeug.socket"]`` (Linux ``POLLRDHUP``).
+werkzeug exposes as ``environ["werkzeug.socket"]`` (Linux ``POLLRDHUP``), and
+turns the forwarder's "client went away" error into ``BrokenPipeError``, which
+werkzeug treats as a dropped connection instead of logging a traceback.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import select
@@ -51,6 +54,7 @@ from typing import Any
 
 from werkzeug.serving import make_server
 
+from rhttp_wsgi.errors import ConfigError
 from rhttp_wsgi.options import ProxyOptions, coerce, options_from_env, parse_address
 from rhttp_wsgi.proxy import Proxy
 
@@ -78,16 +82,59 @@ def _peer_closed(sock: socket.socket) -> bool:
     return any(mask & (_POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL) for _, mask in events)
 
 
+class _DisconnectAware:
+    """The forwarder's streamed body, with "the client went away" reported as ``BrokenPipeError``.
+
+    The forwarder ends a body whose client left by raising (so a client that
+    is still there can never mistake a cut-off body for a complete one); the
+    server should see that as the disconnect it is, not as an app error.
+    """
+
+    def __init__(self, body: Iterable[bytes], gone: Callable[[], bool]) -> None:
+        self._body = body
+        self._it = iter(body)
+        self._gone = gone
+
+    def __iter__(self) -> _DisconnectAware:
+        return self
+
+    def __next__(self) -> bytes:
+        try:
+            return next(self._it)
+        except StopIteration:
+            raise
+        except Exception as e:
+            if self._gone():
+                raise BrokenPipeError(errno.EPIPE, f"the client went away ({e})") from e
+            raise
+
+    def close(self) -> None:
+        close = getattr(self._body, "close", None)
+        if close is not None:
+            close()
+
+
 def with_disconnect_probe(app: WSGIApp, socket_key: str = "werkzeug.socket") -> WSGIApp:
-    """Give the forwarder ``rhttp.client_disconnected`` from the server's socket in ``environ``."""
+    """Give the forwarder ``rhttp.client_disconnected`` from the server's socket in ``environ``.
+
+    A streamed body that fails once the client has left is re-raised as
+    ``BrokenPipeError`` (EPIPE): werkzeug treats it as a dropped connection instead of logging
+    a traceback for a routine disconnect.
+    """
     if not _POLLRDHUP:  # pragma: no cover - not Linux: writes still detect disconnects
         return app
 
     def probed(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         sock = environ.get(socket_key)
-        if isinstance(sock, socket.socket) and "rhttp.client_disconnected" not in environ:
-            environ["rhttp.client_disconnected"] = lambda: _peer_closed(sock)
-        return app(environ, start_response)
+        if not isinstance(sock, socket.socket) or "rhttp.client_disconnected" in environ:
+            return app(environ, start_response)
+
+        def gone() -> bool:
+            return _peer_closed(sock)
+
+        environ["rhttp.client_disconnected"] = gone
+        body = app(environ, start_response)
+        return body if isinstance(body, list) else _DisconnectAware(body, gone)
 
     return probed
 
@@ -98,9 +145,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit("usage: proxy_in_werkzeug.py  (configured by RHTTP_* environment variables)")
     logging.basicConfig(level=os.environ.get("RHTTP_LOG_LEVEL", "info").upper(),
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
-    options = load_options()
-    host, port = parse_address(options.public_bind, option="public_bind")
-    proxy = Proxy(options)
+    try:
+        options = load_options()
+        host, port = parse_address(options.public_bind, option="public_bind")
+        proxy = Proxy(options)
+    except ConfigError as e:  # one line naming the option, like `rhttp-wsgi proxy`
+        raise SystemExit(f"proxy_in_werkzeug: error: {e}") from None
     server = make_server(host, port, with_disconnect_probe(proxy.wsgi_app), threaded=True)
     thost, tport = proxy.start_tunnels()
     log.info("rhttp-wsgi proxy in werkzeug: worker tunnels on %s:%d, public HTTP on %s:%d",

@@ -30,27 +30,64 @@ It also fixes four behaviours of h2 4.x that a tunnel cannot live with:
   does not check;
 * a malformed request (invalid header fields, DATA disagreeing with
   content-length) is a stream error (RFC 9113 §8.1.1); h2 raises a connection
-  error, which would kill every stream of the tunnel.
+  error, which would kill every stream of the tunnel.  The same holds for a
+  malformed *response* in the client (proxy) role, where an invalid
+  ``:status`` (not three digits in 100-599, or 101) counts as malformed too:
+  RST_STREAM(PROTOCOL_ERROR) for that stream, the tunnel's other streams go on.
+
+Both roles also rate-limit the control frames that force a reply (PING and
+SETTINGS without ACK): beyond ``control_frame_burst`` at once or
+``control_frame_rate`` per second sustained, the peer is flooding
+(CVE-2019-9512 / CVE-2019-9515) and gets GOAWAY(ENHANCE_YOUR_CALM).  Frames that
+cost work without progress (empty DATA without END_STREAM, PRIORITY, unknown
+types: CVE-2019-9518) are charged to the same bucket.
+
+Abuse limits ("hard to break", issue 6), all cheap on the hot path:
+
+* an oversized frame is refused (FRAME_SIZE_ERROR) as soon as its 9-byte
+  header is in, not after h2 buffered up to 16 MiB of payload;
+* a header block (HEADERS + CONTINUATION) may grow to 4x
+  ``max_header_list_size`` bytes before it is ENHANCE_YOUR_CALM (CONTINUATION
+  flood, CVE-2024-27316 class); h2 itself stops at 64 frames (PROTOCOL_ERROR);
+* worker role: a request above ``max_header_count`` fields or
+  ``max_header_list_size`` bytes is answered 431 without reaching the app (a
+  *stream* error: HPACK stayed in sync); HPACK only aborts (connection error,
+  ENHANCE_YOUR_CALM: its state is then unusable) at twice the limit, so an
+  HPACK bomb never expands past that;
+* worker role: stream resets -- RST_STREAM from the peer, and the resets the
+  peer's own frames force on us (malformed request, DATA after END_STREAM,
+  window overflow, zero WINDOW_UPDATE, streams beyond MAX_CONCURRENT_STREAMS:
+  "Rapid Reset" CVE-2023-44487 and "MadeYouReset" CVE-2025-8671) -- are a token
+  bucket of ``max_resets`` per ``reset_window`` seconds; beyond it GOAWAY
+  (ENHANCE_YOUR_CALM);
+* a WINDOW_UPDATE of 0 on a stream is a stream error (RFC 9113 §6.9), not the
+  connection error h2 makes of it;
+* more than ``max_output_backlog`` bytes queued for a peer that does not read
+  (its PINGs, SETTINGS and RST-eliciting frames keep adding replies) closes the
+  tunnel with ENHANCE_YOUR_CALM instead of growing memory.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
+import h2.frame_buffer
 import h2.settings
 import h2.stream
+import hyperframe.exceptions
 from h2.errors import ErrorCodes
-from hyperframe.frame import RstStreamFrame, WindowUpdateFrame
+from hyperframe.frame import PriorityFrame, RstStreamFrame, WindowUpdateFrame
 
 from .errors import ProtocolViolation
 
-__all__ = ["PREFACE", "TunnelProtocol", "ProtocolSettings", "StreamRefused", "TunnelDead"]
+__all__ = ["PREFACE", "TunnelProtocol", "ProtocolSettings", "StreamRefused", "RequestRejected", "TunnelDead"]
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _SETTINGS_FRAME_TYPE = 0x4
@@ -68,6 +105,19 @@ class ProtocolSettings:
     max_frame_size: int = 16384
     ping_interval: float = 30.0
     ping_timeout: float = 15.0
+    #: Flood guard: PING/SETTINGS (non-ACK) frames the peer may send per second
+    #: sustained (token bucket refill; 0 = unlimited) and at once (bucket size).
+    control_frame_rate: float = 100.0
+    control_frame_burst: int = 1000
+    #: Worker role: most header fields in a request (pseudo-headers not
+    #: counted); more, or a list above max_header_list_size, gets 431.
+    max_header_count: int = 100
+    #: Worker role: stream resets allowed per ``reset_window`` seconds (token
+    #: bucket; 0 = unlimited) before GOAWAY(ENHANCE_YOUR_CALM).
+    max_resets: int = 500
+    reset_window: float = 10.0
+    #: Bytes queued for a peer that is not reading before the tunnel is dropped.
+    max_output_backlog: int = 1 << 20
 
 
 def _error_code_from_int(code: int) -> ErrorCodes | int:
@@ -77,15 +127,101 @@ def _error_code_from_int(code: int) -> ErrorCodes | int:
         return code
 
 
+def _valid_status(headers: list[tuple[bytes, bytes]]) -> bool:
+    """A response's :status is three digits in 100-599 and not 101 (RFC 9110 §15, RFC 9113 §8.6)."""
+    for name, value in headers:
+        if name == b":status":
+            return len(value) == 3 and value.isdigit() and 100 <= int(value) <= 599 and value != b"101"
+    return False  # (h2 already rejects a response without :status)
+
+
 class StreamRefused(h2.events.Event):
     """A peer-initiated stream was refused (beyond MAX_CONCURRENT_STREAMS or while draining)."""
 
-    def __init__(self, stream_id: int, error_code: ErrorCodes) -> None:
+    def __init__(self, stream_id: int, error_code: ErrorCodes, abusive: bool = False) -> None:
         self.stream_id = stream_id
         self.error_code = error_code
+        #: The peer ignored our advertised limit (counts toward ``max_resets``);
+        #: False for refusals that are our doing (draining, busy).
+        self.abusive = abusive
 
     def __repr__(self) -> str:
         return f"<StreamRefused stream_id:{self.stream_id}, error_code:{self.error_code!r}>"
+
+
+class RequestRejected(h2.events.Event):
+    """Worker role: a request was answered by the core itself (431) and never becomes a stream event."""
+
+    def __init__(self, stream_id: int, status: int, reason: str) -> None:
+        self.stream_id = stream_id
+        self.status = status
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return f"<RequestRejected stream_id:{self.stream_id}, status:{self.status}, reason:{self.reason!r}>"
+
+
+class _TokenBucket:
+    """``capacity`` events at once, refilled at ``capacity / window`` per second (time is fed in)."""
+
+    __slots__ = ("capacity", "rate", "tokens", "stamp")
+
+    def __init__(self, capacity: int, window: float) -> None:
+        self.capacity = float(capacity)
+        self.rate = capacity / window if window > 0 else 0.0
+        self.tokens = float(capacity)
+        self.stamp = 0.0
+
+    def take(self, now: float) -> bool:
+        tokens = min(self.capacity, self.tokens + max(0.0, now - self.stamp) * self.rate)
+        self.stamp = now
+        if tokens < 1.0:
+            self.tokens = tokens
+            return False
+        self.tokens = tokens - 1.0
+        return True
+
+
+class _ZeroWindowUpdate:
+    """Stand-in for a WINDOW_UPDATE of 0 on a stream, which hyperframe refuses to parse."""
+
+    __slots__ = ("stream_id",)
+
+    def __init__(self, stream_id: int) -> None:
+        self.stream_id = stream_id
+
+    def __repr__(self) -> str:
+        return f"_ZeroWindowUpdate(stream_id={self.stream_id})"
+
+
+class _FrameBuffer(h2.frame_buffer.FrameBuffer):
+    """h2's frame buffer, with the RFC's error for two frames hyperframe refuses to parse.
+
+    * A zero WINDOW_UPDATE on a stream is a *stream* error (RFC 9113 §6.9; only
+      stream 0's is a connection error); h2 made it a connection error.  The
+      frame is still in ``_data`` when the parse fails (h2 consumes a frame
+      only once parsed), so it is taken off here and handed on as a stand-in.
+    * A SETTINGS ACK with a payload is FRAME_SIZE_ERROR (§6.5), not PROTOCOL_ERROR.
+
+    Only the (rare) failure path costs anything.
+    """
+
+    def __next__(self) -> Any:
+        try:
+            return super().__next__()
+        except h2.exceptions.ProtocolError as e:
+            data = self._data
+            if not isinstance(e.__cause__, hyperframe.exceptions.InvalidDataError) or len(data) < 9:
+                raise
+            ftype, length = data[3], data[0] << 16 | data[1] << 8 | data[2]
+            if ftype == 0x8 and length == 4 and len(data) >= 13 and not self._headers_buffer:
+                sid = int.from_bytes(data[5:9], "big") & 0x7FFFFFFF
+                if sid and not int.from_bytes(data[9:13], "big") & 0x7FFFFFFF:
+                    del data[:13]
+                    return _ZeroWindowUpdate(sid)
+            elif ftype == 0x4 and data[4] & 0x1 and length:
+                raise h2.exceptions.FrameDataMissingError("SETTINGS ACK with a payload") from e
+            raise
 
 
 class TunnelDead(ProtocolViolation):
@@ -97,15 +233,37 @@ class _H2Connection(h2.connection.H2Connection):
 
     #: Set by the owner once it sent GOAWAY: new peer streams are refused.
     draining = False
+    #: Flood guard (token bucket over non-ACK PING and SETTINGS frames); set
+    #: by TunnelProtocol.  ``now`` is the time of the bytes being fed (sans-I/O).
+    flood_rate = 0.0
+    flood_burst = 0.0
+    _flood_tokens = 0.0
+    _flood_at = 0.0
+    now = 0.0
+    #: Worker role, set by TunnelProtocol: header limits answered with 431 (0 = off).
+    max_header_count = 0
+    max_header_list = 0
+    #: App calls still running for streams that already ended (maintained by
+    #: the tunnel): a Python thread cannot be killed, so a stream reset or timed
+    #: out under a stuck app frees its h2 slot but not its thread.  At
+    #: MAX_CONCURRENT_STREAMS of them new streams are refused, which bounds the
+    #: app pool's queue per tunnel whatever the peer resets.
+    lingering_handlers = 0
 
-    def _refuse(self, frame: Any, code: ErrorCodes) -> tuple[list[Any], list[h2.events.Event]]:
+    def __init__(self, config: h2.config.H2Configuration) -> None:
+        super().__init__(config=config)
+        self.incoming_buffer = _FrameBuffer(server=not config.client_side)
+        table: dict[Any, Any] = self._frame_dispatch_table
+        table[_ZeroWindowUpdate] = self._receive_zero_window_update
+
+    def _refuse(self, frame: Any, code: ErrorCodes, abusive: bool = False) -> tuple[list[Any], list[h2.events.Event]]:
         # Decode anyway: the HPACK dynamic table must see every header block.
         h2.connection._decode_headers(self.decoder, frame.data)
         self.highest_inbound_stream_id = frame.stream_id
         self._closed_streams[frame.stream_id] = h2.stream.StreamClosedBy.SEND_RST_STREAM
         rst = RstStreamFrame(frame.stream_id)
         rst.error_code = code
-        return [rst], [StreamRefused(frame.stream_id, code)]
+        return [rst], [StreamRefused(frame.stream_id, code, abusive)]
 
     def _receive_headers_frame(self, frame: Any) -> tuple[list[Any], list[h2.events.Event]]:
         sid = frame.stream_id
@@ -117,7 +275,14 @@ class _H2Connection(h2.connection.H2Connection):
             if self.draining:
                 return self._refuse(frame, ErrorCodes.REFUSED_STREAM)
             if self.open_inbound_streams >= self.local_settings.max_concurrent_streams:
+                # The peer ignores the limit we advertised: abusive (Rapid Reset's cousin).
+                return self._refuse(frame, ErrorCodes.REFUSED_STREAM, abusive=True)
+            if self.lingering_handlers >= self.local_settings.max_concurrent_streams:
                 return self._refuse(frame, ErrorCodes.REFUSED_STREAM)
+        # Client (proxy) role: only a response on a stream *we* opened can be a
+        # stream error; HEADERS opening a stream the worker may not open (it
+        # never may: push is disabled) stays a connection error (RFC 9113 §5.1.1).
+        ours = self.config.client_side and sid % 2 == 1 and sid in self.streams
         # (h2 re-reads content-length from trailers, i.e. forgets it: keep it)
         expected = getattr(self.streams.get(sid), "_expected_content_length", None)
         try:
@@ -125,45 +290,137 @@ class _H2Connection(h2.connection.H2Connection):
         except h2.exceptions.ProtocolError as e:
             stream = self.streams.get(sid)
             # h2 raises a plain ProtocolError (no __cause__) when a decoded
-            # request fails header validation: uppercase or invalid names, CR/LF/NUL
-            # in values, connection-specific fields, bad pseudo-headers, trailers
-            # without END_STREAM.  RFC 9113 §8.1.1 makes that a *stream* error;
-            # unhandled it killed the whole tunnel.  The block was decoded, so
-            # HPACK is in sync: reset just this stream.  Subclasses (flow
-            # control, closed stream, DoS) and HPACK/state failures (which carry
-            # a __cause__) stay connection errors.  Worker (server) role only.
+            # message fails header validation: uppercase or invalid names, CR/LF/NUL
+            # in values, connection-specific fields, bad or missing pseudo-headers,
+            # trailers without END_STREAM, END_STREAM on a 1xx.  RFC 9113 §8.1.1
+            # makes that a *stream* error; unhandled it killed the whole tunnel.
+            # The block was decoded, so HPACK is in sync: reset just this stream.
+            # Subclasses (flow control, closed stream, DoS) and HPACK/state
+            # failures (which carry a __cause__) stay connection errors.  Worker
+            # role: a malformed request; proxy role: a malformed response.
             if (type(e) is not h2.exceptions.ProtocolError or e.__cause__ is not None
-                    or stream is None or self.config.client_side):
+                    or stream is None or (self.config.client_side and not ours)):
                 raise
             return self._malformed(stream, [])
-        if "END_STREAM" in frame.flags and not self.config.client_side:
+        if self.max_header_count:
+            rejected = self._check_header_limits(sid, frame, frames, events)
+            if rejected is not None:
+                return rejected
+        if ours:
+            # h2 does not check the :status value: "abc", "99", "1000" or 101
+            # (which HTTP/2 removed, RFC 9113 §8.6) make the response malformed.
+            for ev in events:
+                if isinstance(ev, (h2.events.ResponseReceived, h2.events.InformationalResponseReceived)):
+                    if not _valid_status(ev.headers):
+                        return self._malformed(self.streams[sid], frames)
+        if "END_STREAM" in frame.flags and (not self.config.client_side or ours):
             # h2 checks content-length only when DATA arrives: a request that
             # announced a body and ended on its HEADERS (or trailers) without
-            # it is malformed too (RFC 9113 §8.1.1).
+            # it is malformed too (RFC 9113 §8.1.1).  For a response only
+            # trailers count: a HEAD or 304 response may announce a length
+            # and carry no body.
             stream = self.streams.get(sid)
-            if expected is None:  # the request's own HEADERS
+            if expected is None and not self.config.client_side:  # the request's own HEADERS
                 expected = getattr(stream, "_expected_content_length", None)
             if stream is not None and expected is not None \
                     and expected != getattr(stream, "_actual_content_length", expected):
                 return self._malformed(stream, frames)
         return frames, events
 
-    def _malformed(self, stream: Any, frames: list[Any]) -> tuple[list[Any], list[h2.events.Event]]:
-        """Reset a peer's malformed request with PROTOCOL_ERROR (a stream error)."""
+    def _check_header_limits(self, sid: int, frame: Any, frames: list[Any], events: list[h2.events.Event]
+                             ) -> tuple[list[Any], list[h2.events.Event]] | None:
+        """Worker role: 431 for a request above the header limits; a stream error for such trailers."""
+        ev: Any
+        for ev in events:
+            t = type(ev)
+            if t is h2.events.RequestReceived or t is h2.events.TrailersReceived:
+                why = self._over_header_limits(ev.headers, len(frame.data))
+                if why is None:
+                    return None
+                stream = self.streams[sid]
+                if t is h2.events.TrailersReceived:
+                    # Beyond the advertised SETTINGS_MAX_HEADER_LIST_SIZE a
+                    # message may be "treated as malformed" (RFC 9113 §10.5.1).
+                    return self._malformed(stream, frames)
+                # RFC 9113 §10.5.1: "can send an HTTP 431".  The block was
+                # decoded, HPACK is in sync: only this stream is answered.
+                self.send_headers(sid, [(b":status", b"431"), (b"content-length", b"0")], end_stream=True)
+                if not stream.closed:
+                    # The request body is not wanted (RFC 9113 §8.1).
+                    self.reset_stream(sid, ErrorCodes.NO_ERROR)
+                rest = [e for e in events if e is not ev]
+                return frames, [*rest, RequestRejected(sid, 431, why)]
+        return None
+
+    def _over_header_limits(self, headers: list[tuple[bytes, bytes]], block_len: int) -> str | None:
+        n = len(headers)
+        limit = self.max_header_count
+        if n > limit:
+            pseudo = 0
+            for name, _ in headers:
+                if name[:1] != b":":
+                    break
+                pseudo += 1
+            if n - pseudo > limit:
+                return f"{n - pseudo} header fields (max_header_count {limit})"
+        size_limit = self.max_header_list
+        # Cheap bound first, so a typical request does no per-field work: a
+        # field decodes to at most 32 + one dynamic-table entry + 8/5 of its
+        # literal octets (Huffman's shortest code is 5 bits).
+        if n * (32 + self.decoder.max_allowed_table_size) + 2 * block_len > size_limit:
+            size = 32 * n + sum(map(len, itertools.chain.from_iterable(headers)))
+            if size > size_limit:
+                return f"a {size}-byte header list (max_header_list_size {size_limit})"
+        return None
+
+    def _receive_zero_window_update(self, frame: _ZeroWindowUpdate) -> tuple[list[Any], list[h2.events.Event]]:
+        # RFC 9113 §6.9: a zero increment on a stream is a *stream* error
+        # (PROTOCOL_ERROR).  On an idle stream it stays a connection error, on
+        # a closed one it is ignored, as for any WINDOW_UPDATE.
+        events = self.state_machine.process_input(h2.connection.ConnectionInputs.RECV_WINDOW_UPDATE)
+        try:
+            stream = self._get_stream_by_id(frame.stream_id)
+        except h2.exceptions.StreamClosedError:
+            return [], events
+        if stream.closed:
+            return [], events
+        return self._stream_error(stream, ErrorCodes.PROTOCOL_ERROR, [])
+
+    def _stream_error(self, stream: Any, code: ErrorCodes, frames: list[Any]) -> tuple[list[Any], list[h2.events.Event]]:
         self.state_machine.process_input(h2.connection.ConnectionInputs.SEND_RST_STREAM)
-        frames = [*frames, *stream.reset_stream(ErrorCodes.PROTOCOL_ERROR)]
+        frames = [*frames, *stream.reset_stream(code)]
+        return frames, [h2.events.StreamReset(stream_id=stream.stream_id, error_code=code, remote_reset=False)]
+
+    def _malformed(self, stream: Any, frames: list[Any]) -> tuple[list[Any], list[h2.events.Event]]:
+        """Reset a peer's malformed message with PROTOCOL_ERROR (a stream error)."""
+        self.state_machine.process_input(h2.connection.ConnectionInputs.SEND_RST_STREAM)
+        if stream.closed:
+            # Client role: a malformed response that carried END_STREAM closed
+            # the stream before h2 validated it.  Still tell the peer (RST_STREAM
+            # is allowed shortly after END_STREAM, RFC 9113 §5.1) and make any
+            # late frame on it a stream error, not a connection error.
+            rst = RstStreamFrame(stream.stream_id)
+            rst.error_code = ErrorCodes.PROTOCOL_ERROR
+            stream.state_machine.stream_closed_by = h2.stream.StreamClosedBy.SEND_RST_STREAM
+            frames = [*frames, rst]
+        else:
+            frames = [*frames, *stream.reset_stream(ErrorCodes.PROTOCOL_ERROR)]
         return frames, [h2.events.StreamReset(stream_id=stream.stream_id, error_code=ErrorCodes.PROTOCOL_ERROR,
                                               remote_reset=False)]
 
     def _receive_data_frame(self, frame: Any) -> tuple[list[Any], list[h2.events.Event]]:
+        if not frame.flow_controlled_length and "END_STREAM" not in frame.flags:
+            # An empty DATA frame carries nothing and costs a state-machine pass
+            # (CVE-2019-9518 empty-frames flood): charged like a control frame.
+            self._control_frame("empty DATA")
         try:
             return super()._receive_data_frame(frame)
         except h2.exceptions.InvalidBodyLengthError:
-            # DATA disagreeing with the request's content-length is a malformed
-            # request: a stream error (RFC 9113 §8.1.1), not a reason to kill
-            # every other stream of the tunnel.  Worker (server) role only.
+            # DATA disagreeing with the content-length is a malformed message: a
+            # stream error (RFC 9113 §8.1.1), not a reason to kill every other
+            # stream of the tunnel.  Both roles (request or response body).
             stream = self.streams.get(frame.stream_id)
-            if stream is None or self.config.client_side:
+            if stream is None:
                 raise
             frames: list[Any] = []
             # This frame is never delivered: give its bytes back to the connection window.
@@ -173,6 +430,40 @@ class _H2Connection(h2.connection.H2Connection):
                 wu.window_increment = inc
                 frames.append(wu)
             return self._malformed(stream, frames)
+
+    # -- flood guard (CVE-2019-9512 PING flood, CVE-2019-9515 SETTINGS flood) --
+
+    def _control_frame(self, kind: str) -> None:
+        """Charge one reply-forcing frame to the peer's token bucket."""
+        if self.flood_rate <= 0:
+            return
+        elapsed = max(0.0, self.now - self._flood_at)
+        self._flood_at = self.now
+        tokens = min(self.flood_burst, self._flood_tokens + elapsed * self.flood_rate)
+        if tokens < 1.0:
+            # A ProtocolError subclass with ENHANCE_YOUR_CALM: h2 queues the GOAWAY.
+            raise h2.exceptions.DenialOfServiceError(
+                f"{kind} flood: more than {self.flood_burst:g} at once or {self.flood_rate:g}/s")
+        self._flood_tokens = tokens - 1.0
+
+    def _receive_ping_frame(self, frame: Any) -> tuple[list[Any], list[h2.events.Event]]:
+        if "ACK" not in frame.flags:
+            self._control_frame("PING")
+        return super()._receive_ping_frame(frame)
+
+    def _receive_settings_frame(self, frame: Any) -> tuple[list[Any], list[h2.events.Event]]:
+        if "ACK" not in frame.flags:
+            self._control_frame("SETTINGS")
+        return super()._receive_settings_frame(frame)
+
+    def _receive_priority_frame(self, frame: Any) -> tuple[list[Any], list[h2.events.Event]]:
+        if type(frame) is PriorityFrame:  # (h2 also calls this for HEADERS carrying PRIORITY)
+            self._control_frame("PRIORITY")
+        return super()._receive_priority_frame(frame)
+
+    def _receive_unknown_frame(self, frame: Any) -> tuple[list[Any], list[h2.events.Event]]:
+        self._control_frame("unknown-type frame")
+        return super()._receive_unknown_frame(frame)
 
     def _receive_goaway_frame(self, frame: Any) -> tuple[list[Any], list[h2.events.Event]]:
         # Report GOAWAY without moving to CLOSED: streams at or below the
@@ -213,8 +504,21 @@ class TunnelProtocol:
         if role == "client":
             local[h2.settings.SettingCodes.ENABLE_PUSH] = 0
         self.h2.local_settings = h2.settings.Settings(client=(role == "client"), initial_values=local)
-        # Enforce the header list limit while decoding, not after.
-        self.h2.decoder.max_header_list_size = s.max_header_list_size
+        # Enforce the header list limit while decoding, not after.  The worker
+        # answers a list above the limit with 431 (a stream error, HPACK kept in
+        # sync), so its decoder only gives up -- a connection error -- at twice
+        # the limit: an HPACK bomb still never expands further.
+        self.h2.decoder.max_header_list_size = s.max_header_list_size * (2 if role == "server" else 1)
+        if role == "server":
+            self.h2.max_header_count = s.max_header_count
+            self.h2.max_header_list = s.max_header_list_size
+        # A compressed block is no longer than its list except for Huffman-bloated
+        # binary values (up to 30 bits per octet): 4x leaves room for those.
+        self._max_header_block = 4 * s.max_header_list_size
+        self._resets = _TokenBucket(s.max_resets, s.reset_window) if role == "server" and s.max_resets else None
+        self.h2.flood_rate = float(s.control_frame_rate)
+        self.h2.flood_burst = float(s.control_frame_burst)
+        self.h2._flood_tokens = float(s.control_frame_burst)
         self._preface_pending = PREFACE if role == "client" else b""
         self._first_frame_checked = False
         self._head = b""
@@ -231,6 +535,9 @@ class TunnelProtocol:
     def initiate(self, now: float) -> None:
         """Queue our preface (worker) and SETTINGS, and open the connection window."""
         self._last_recv = now
+        self.h2.now = self.h2._flood_at = now
+        if self._resets is not None:
+            self._resets.stamp = now
         self.h2.initiate_connection()
         if self.role == "server":
             # h2's server frame buffer waits for a preface we will never
@@ -258,6 +565,7 @@ class TunnelProtocol:
         if not data:
             return []
         self._last_recv = now
+        self.h2.now = now  # for the flood guard's token bucket
         if self._preface_pending:
             take = min(len(self._preface_pending), len(data))
             if data[:take] != self._preface_pending[:take]:
@@ -285,15 +593,55 @@ class TunnelProtocol:
             code = _error_code_for(e)
             self._fail(code)
             raise ProtocolViolation(f"{type(e).__name__}: {e}", code) from e
+        self._check_input_limits()
+        resets = self._resets
+        ev: Any
         for ev in events:
-            if isinstance(ev, h2.events.RemoteSettingsChanged):
+            t = type(ev)
+            if t is h2.events.StreamReset or (t is StreamRefused and ev.abusive):
+                # Rapid Reset (the peer's RST_STREAM) and MadeYouReset (resets
+                # its frames force on us) cost a stream's setup each.
+                if resets is not None and not resets.take(now):
+                    s = self.settings
+                    self._violation(ErrorCodes.ENHANCE_YOUR_CALM,
+                                    f"more than {s.max_resets} stream resets in {s.reset_window:g}s")
+            elif t is h2.events.RemoteSettingsChanged:
                 self.settings_received = True
-            elif isinstance(ev, h2.events.PingAckReceived):
+            elif t is h2.events.PingAckReceived:
                 if self._ping_payload is not None and ev.ping_data == self._ping_payload:
                     self._ping_payload = None
-            elif isinstance(ev, h2.events.ConnectionTerminated):
+            elif t is h2.events.ConnectionTerminated:
                 self.goaway_received = ev
         return events
+
+    def _check_input_limits(self) -> None:
+        """Limits h2 does not enforce early enough; O(1) per read on the hot path."""
+        buf = self.h2.incoming_buffer
+        pending = buf._data
+        # h2 checks a frame's length only once the whole payload is buffered
+        # (up to 16 MiB); the 9-byte header is enough to refuse it.
+        if len(pending) >= 9:
+            length = pending[0] << 16 | pending[1] << 8 | pending[2]
+            if length > buf.max_frame_size:
+                self._violation(ErrorCodes.FRAME_SIZE_ERROR,
+                                f"a {length}-byte frame announced (MAX_FRAME_SIZE {buf.max_frame_size})")
+        # An unfinished header block (HEADERS + CONTINUATION without
+        # END_HEADERS) is buffered whole by h2 before HPACK sees it.
+        if buf._headers_buffer:
+            size = sum(len(f.data) for f in buf._headers_buffer)
+            if size > self._max_header_block:
+                self._violation(ErrorCodes.ENHANCE_YOUR_CALM,
+                                f"a header block beyond {size} bytes without END_HEADERS (CONTINUATION flood)")
+        # Replies (PING/SETTINGS ACKs, RST_STREAMs, WINDOW_UPDATEs) pile up here
+        # while the writer is blocked on a peer that does not read.
+        backlog = len(self.h2._data_to_send)
+        if backlog > self.settings.max_output_backlog:
+            self._violation(ErrorCodes.ENHANCE_YOUR_CALM,
+                            f"{backlog} bytes queued for a peer that is not reading them")
+
+    def _violation(self, code: ErrorCodes, message: str) -> NoReturn:
+        self._fail(code)
+        raise ProtocolViolation(message, code)
 
     def _fail(self, code: ErrorCodes) -> None:
         if not self.goaway_sent:

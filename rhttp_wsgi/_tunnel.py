@@ -18,6 +18,8 @@ socket ``sendall``/shutdown    writer only (reader: ``close``)  none (one writer
                                writer (outbound)                (``Channel._cond``
                                                                 is bound to it)
 ``Channel.cancelled`` (Event)  any                              itself
+``_deadlines``, stall marks,   reader (arm), writer (expire),   ``Tunnel.lock``
+lingering-handler count        app thread (``handler_done``)
 =============================  ===============================  ==================
 
 Rules that keep it safe:
@@ -29,6 +31,9 @@ Rules that keep it safe:
   ``recv()``s, then locks to decrypt and parse; the writer locks to drain h2
   and encrypt, then unlocks and ``sendall()``s.  App threads lock only to move
   bytes in or out of their channel.
+* Per-stream deadlines (``request_timeout``, the send stall of
+  ``stream_send_timeout``) are checked by the writer's existing timer loop: no
+  per-request timer or thread.
 * App threads block on their own channel condition (backpressure, waiting for
   body bytes); the writer waits on ``_wake``.  All conditions share the one
   lock, so a notify never races a state change.
@@ -38,6 +43,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import socket
 import threading
 import time
@@ -49,7 +55,7 @@ import h2.exceptions
 from h2.errors import ErrorCodes
 from h2.settings import SettingCodes
 
-from ._protocol import StreamRefused, TunnelProtocol
+from ._protocol import RequestRejected, StreamRefused, TunnelProtocol
 from .errors import ProtocolViolation, StreamReset, StreamTimeout, TLSSetupError, TunnelClosed
 from .tls import TLSSession
 
@@ -63,6 +69,9 @@ HIGH_WATER = 512 * 1024
 LOW_WATER = 128 * 1024
 #: Most plaintext moved into TLS per writer pass (keeps lock holds short).
 WRITE_BATCH = 1 << 20
+#: After the reader stops, how long the writer may still flush (e.g. GOAWAY)
+#: before the socket is cut under a ``sendall`` blocked on a peer that does not read.
+FLUSH_GRACE = 1.0
 
 
 class Channel:
@@ -75,6 +84,7 @@ class Channel:
         "tunnel", "stream_id", "headers", "_cond", "_in", "_in_size", "in_ended", "trailers",
         "_out", "_out_size", "_out_end", "_out_trailers", "out_done", "headers_sent",
         "error", "cancelled", "response", "informational", "bytes_in", "bytes_out", "_retired",
+        "_stall_at", "_handler",
     )
 
     def __init__(self, tunnel: Tunnel, stream_id: int, headers: list[tuple[bytes, bytes]] | None) -> None:
@@ -99,6 +109,26 @@ class Channel:
         self.bytes_in = 0
         self.bytes_out = 0
         self._retired = False
+        #: When the send stall (blocked on flow control, no progress) times out; 0 = not stalled.
+        self._stall_at = 0.0
+        #: Dispatched to a handler (app thread) that has not returned yet.
+        self._handler = False
+
+    def handler_done(self) -> None:
+        """The handler (app thread) serving this stream returned; ``run_wsgi`` calls it last.
+
+        A stream can end (reset, timed out, or simply answered) while its
+        handler still runs; until then it counts as *lingering* against the
+        tunnel's MAX_CONCURRENT_STREAMS (see ``_H2Connection.lingering_handlers``).
+        """
+        if not self._handler:  # not dispatched by a tunnel (e.g. driven directly)
+            return
+        t = self.tunnel
+        with t.lock:
+            if self._handler:
+                self._handler = False
+                if self._retired:
+                    t.proto.h2.lingering_handlers -= 1
 
     # -- inbound (body) ------------------------------------------------------
 
@@ -237,6 +267,10 @@ class Channel:
         if pad:
             t._credit_locked(self.stream_id, pad)
         if data:
+            if t._max_body and self.bytes_in + len(data) > t._max_body:
+                t._credit_locked(self.stream_id, len(data))
+                t._body_too_large_locked(self)
+                return
             self._in.append(data)
             self._in_size += len(data)
             self.bytes_in += len(data)
@@ -315,6 +349,9 @@ class Tunnel:
         on_event: Callable[[Tunnel, str], None] | None = None,
         settings_timeout: float = 10.0,
         send_timeout: float = 30.0,
+        stream_send_timeout: float = 0.0,
+        request_timeout: float = 0.0,
+        max_body_size: int = 0,
         clock: Callable[[], float] = time.monotonic,
         peer: Any = None,
     ) -> None:
@@ -334,6 +371,17 @@ class Tunnel:
         self._settings_deadline = 0.0
         self._settings_timeout = settings_timeout
         self._send_timeout = send_timeout
+        # Worker-role stream limits (0 = off).  stream_send_timeout: a stream
+        # blocked on flow control that makes no progress this long is reset;
+        # request_timeout: a stream still open this long after its HEADERS is
+        # reset; max_body_size: a longer request body is refused with 413.
+        self._stall_timeout = stream_send_timeout
+        self._stall_next = math.inf
+        self._request_timeout = request_timeout
+        #: stream -> deadline, in arrival order (= deadline order: one timeout for all)
+        self._deadlines: collections.OrderedDict[Channel, float] = collections.OrderedDict()
+        self._max_body = max_body_size
+        self.streams_timed_out = 0
         self._channels: dict[int, Channel] = {}
         self._ready: set[Channel] = set()
         self._blocked: set[Channel] = set()
@@ -374,7 +422,16 @@ class Tunnel:
             reason = self._reader_loop()
         finally:
             self.close(reason)
-            self._writer.join()
+            # A writer blocked in sendall() on a peer that stopped reading
+            # would hold us here until SO_SNDTIMEO: let it flush briefly (the
+            # GOAWAY), then cut the socket under it.
+            self._writer.join(FLUSH_GRACE)
+            if self._writer.is_alive():
+                try:
+                    self.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                self._writer.join()
             try:
                 self.sock.close()
             except OSError:  # pragma: no cover
@@ -410,6 +467,12 @@ class Tunnel:
                     return str(e)
                 if events:
                     self._handle_events_locked(events, new)
+                    if new:
+                        # A stream reset (or refused) within the same read is
+                        # never handed to the app: Rapid Reset costs no app call.
+                        new = [ch for ch in new if ch.error is None]
+                        for ch in new:
+                            ch._handler = True
                 if proto.has_output():
                     self._kick_locked()
                 if tls is not None and tls.closed:
@@ -420,12 +483,14 @@ class Tunnel:
     def _dispatch(self, ch: Channel) -> None:
         if self._on_stream is None:
             ch.reset(ErrorCodes.REFUSED_STREAM)
+            ch.handler_done()
             return
         try:
             self._on_stream(ch)
         except Exception:
             log.exception("%s: stream %d could not be dispatched", self.name, ch.stream_id)
             ch.reset(ErrorCodes.INTERNAL_ERROR)
+            ch.handler_done()
 
     def _writer_loop(self) -> None:
         lock = self.lock
@@ -448,6 +513,8 @@ class Tunnel:
                                     f"peer sent no SETTINGS within {self._settings_timeout:g}s",
                                     ErrorCodes.SETTINGS_TIMEOUT)
                             next_t = min(next_t, self._settings_deadline)
+                        if self._deadlines or self._blocked:
+                            next_t = min(next_t, self._stream_timers_locked(now))
                     except ProtocolViolation as e:
                         log.warning("%s: %s; dropping the tunnel", self.name, e)
                         if e.error_code != ErrorCodes.NO_ERROR:
@@ -469,8 +536,15 @@ class Tunnel:
                         if blocked:
                             self._ready.discard(ch)
                             self._blocked.add(ch)
+                            if self._stall_timeout and (moved or not ch._stall_at):
+                                # progress restarts the clock (nginx send_timeout semantics)
+                                ch._stall_at = now + self._stall_timeout
+                                if ch._stall_at < self._stall_next:
+                                    self._stall_next = ch._stall_at
                         elif not ch._out or ch.error is not None:
                             self._ready.discard(ch)
+                        if moved and ch._stall_at and not blocked:
+                            ch._stall_at = 0.0
                         if budget <= 0:
                             self._dirty = True
                             break
@@ -521,6 +595,14 @@ class Tunnel:
                 if ev.stream_ended is not None:
                     ch.in_ended = True
                 new.append(ch)
+                if self._request_timeout:
+                    self._deadlines[ch] = self._clock() + self._request_timeout
+                if self._max_body:
+                    # Content-Length above the limit: 413 before the app runs.
+                    # (h2 already holds the parsed value, and checks the body against it.)
+                    cl = getattr(self.proto.h2.streams.get(ev.stream_id), "_expected_content_length", None)
+                    if cl is not None and cl > self._max_body:
+                        self._body_too_large_locked(ch)
             elif t is h2.events.StreamEnded:
                 ch = channels.get(ev.stream_id)
                 if ch is not None:
@@ -557,7 +639,10 @@ class Tunnel:
                     ch._cond.notify_all()
                     self._retire_locked(ch)
                 else:
-                    ch._fail_locked(StreamReset(ev.stream_id, ev.error_code, by_peer=True))
+                    # remote_reset is False when our core reset a malformed
+                    # message (RST_STREAM PROTOCOL_ERROR that *we* sent).
+                    ch._fail_locked(StreamReset(ev.stream_id, ev.error_code,
+                                                by_peer=bool(getattr(ev, "remote_reset", True))))
             elif t is h2.events.WindowUpdated:
                 if ev.stream_id == 0:
                     self._unblock_all_locked()
@@ -581,6 +666,9 @@ class Tunnel:
                 self._peer_goaway_locked(ev)
             elif t is StreamRefused:
                 self.streams_refused += 1
+            elif t is RequestRejected:
+                self.streams_refused += 1
+                log.info("%s: stream %d answered %d: %s", self.name, ev.stream_id, ev.status, ev.reason)
 
     def _unblock_all_locked(self) -> None:
         if self._blocked:
@@ -639,6 +727,10 @@ class Tunnel:
         if ch._retired:
             return
         ch._retired = True
+        if ch._handler:
+            self.proto.h2.lingering_handlers += 1
+        if self._deadlines:
+            self._deadlines.pop(ch, None)
         self._channels.pop(ch.stream_id, None)
         self._ready.discard(ch)
         self._blocked.discard(ch)
@@ -646,6 +738,64 @@ class Tunnel:
             self._idle.notify_all()
             if self._draining and not self._closing:
                 self._close_locked("drained")
+
+    def _stream_timers_locked(self, now: float) -> float:
+        """Expire streams past ``request_timeout`` or stalled past ``stream_send_timeout``.
+
+        Writer thread.  O(1) unless something is due.  Returns the next due time.
+        """
+        nxt = math.inf
+        deadlines = self._deadlines
+        while deadlines:
+            ch, due = next(iter(deadlines.items()))
+            if due > now:
+                nxt = due
+                break
+            del deadlines[ch]
+            self._expire_locked(ch, f"request_timeout ({self._request_timeout:g}s) reached")
+        if self._blocked and self._stall_timeout:
+            if now >= self._stall_next:
+                self._stall_next = math.inf
+                for ch in list(self._blocked):
+                    if not ch._stall_at:
+                        continue
+                    if ch._stall_at <= now:
+                        self._expire_locked(ch, f"no flow-control credit for {self._stall_timeout:g}s")
+                    elif ch._stall_at < self._stall_next:
+                        self._stall_next = ch._stall_at
+            nxt = min(nxt, self._stall_next)
+        return nxt
+
+    def _expire_locked(self, ch: Channel, why: str) -> None:
+        """Reset a stream that ran out of time (CANCEL) and cancel its app call."""
+        self.streams_timed_out += 1
+        try:
+            self.proto.h2.reset_stream(ch.stream_id, ErrorCodes.CANCEL)
+        except h2.exceptions.ProtocolError:
+            pass
+        ch._fail_locked(StreamTimeout(f"stream {ch.stream_id}: {why}"))
+        lingering = self.proto.h2.lingering_handlers
+        # The app cannot be interrupted: its thread stays busy until it returns.
+        log.warning("%s: stream %d: %s; reset (CANCEL)%s", self.name, ch.stream_id, why,
+                    f"; {lingering} app call(s) still running on ended streams" if ch._handler else "")
+
+    def _body_too_large_locked(self, ch: Channel) -> None:
+        """413 (or RST_STREAM(CANCEL) once the response started) for a body above ``max_body_size``."""
+        conn = self.proto.h2
+        sid = ch.stream_id
+        code = ErrorCodes.CANCEL
+        try:
+            if not ch.headers_sent:
+                conn.send_headers(sid, [(b":status", b"413"), (b"content-length", b"0")], end_stream=True)
+                ch.headers_sent = ch.out_done = True
+                code = ErrorCodes.NO_ERROR  # a complete answer; stop the upload (RFC 9113 §8.1)
+            conn.reset_stream(sid, code)
+        except h2.exceptions.ProtocolError:
+            pass
+        log.info("%s: stream %d: request body above max_body_size (%d bytes); %s", self.name, sid,
+                 self._max_body, "413" if code == ErrorCodes.NO_ERROR else "reset (CANCEL)")
+        ch._fail_locked(StreamReset(sid, code, by_peer=False))
+        self._kick_locked()
 
     def _close_locked(self, reason: str) -> None:
         if self._closing:
@@ -712,6 +862,11 @@ class Tunnel:
     @property
     def in_flight(self) -> int:
         return len(self._channels)
+
+    @property
+    def lingering(self) -> int:
+        """App calls still running although their stream ended (reset, timed out, answered)."""
+        return int(self.proto.h2.lingering_handlers)
 
     @property
     def accepting(self) -> bool:

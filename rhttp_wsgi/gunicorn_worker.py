@@ -80,18 +80,18 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from types import FrameType
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NoReturn
 
 from gunicorn.workers.base import Worker  # type: ignore[import-untyped,import-not-found,unused-ignore]
 
-from .errors import ConfigError
+from .errors import RHTTPError
 from .options import WorkerOptions, coerce, options_from_env
 from .worker import WorkerPool
 
 __all__ = ["RHTTPWorker"]
 
-log = logging.getLogger("rhttp_wsgi.gunicorn")
-
+#: gunicorn's exit status for "Worker failed to boot" (``Arbiter.WORKER_BOOT_ERROR``): the master stops.
+WORKER_BOOT_ERROR = 3
 #: Longest pause of the main loop: heartbeat, parent check, readiness check.
 MAX_BEAT = 1.0
 #: Poll interval while something is expected soon (own tunnels, a successor).
@@ -261,24 +261,31 @@ class RHTTPWorker(Worker):  # type: ignore[misc]  # gunicorn ships no type infor
         ours.propagate = False
 
     def load_wsgi(self) -> None:
-        # The options are checked before the app is imported and before the
-        # worker counts as booted: a bad setting is a boot error (the master
-        # stops with "Worker failed to boot") rather than a crash loop.
+        # The settings are checked before the app is imported and before the
+        # worker counts as booted: a bad setting stops the master with
+        # "Worker failed to boot" (one log line, exit code 3) instead of a
+        # crash loop.
         try:
             build_options(_placeholder_app, gunicorn_threads=self.cfg.threads).check_files()
-        except ConfigError as e:
-            self.log.error("rhttp worker: invalid setting: %s", e)
-            raise
+        except RHTTPError as e:
+            self._boot_error(e)
         super().load_wsgi()
         app: Callable[..., Any] = self.wsgi
         if self.max_requests < sys.maxsize:
             app = self._counting(app)
-        options = build_options(app, gunicorn_threads=self.cfg.threads)
-        budget = float(self.cfg.graceful_timeout)
-        if "shutdown_timeout" in options_from_env(WorkerOptions):
-            budget = min(budget, options.shutdown_timeout)
-        self.options = dataclasses.replace(options, shutdown_timeout=budget)
-        self.pool = WorkerPool(options=self.options)
+        try:
+            options = build_options(app, gunicorn_threads=self.cfg.threads)
+            budget = float(self.cfg.graceful_timeout)
+            if "shutdown_timeout" in options_from_env(WorkerOptions):
+                budget = min(budget, options.shutdown_timeout)
+            self.options = dataclasses.replace(options, shutdown_timeout=budget)
+            self.pool = WorkerPool(options=self.options)
+        except (RHTTPError, OSError) as e:
+            self._boot_error(e)
+
+    def _boot_error(self, e: BaseException) -> NoReturn:
+        self.log.error("rhttp worker: invalid setting: %s", e)
+        sys.exit(WORKER_BOOT_ERROR)
 
     def _counting(self, app: Callable[..., Any]) -> Callable[..., Any]:
         def counting_app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:

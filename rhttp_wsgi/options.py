@@ -165,7 +165,77 @@ class WorkerOptions:
         1 << 26, "Connection receive window (bytes).", minimum=65535, maximum=MAX_WINDOW
     )
     max_header_list_size: int = _opt(
-        65536, "Largest request header list accepted (bytes, RFC 9113 accounting).", minimum=1024, maximum=1 << 24
+        65536,
+        "Largest request header list accepted (bytes, RFC 9113 accounting); a larger one gets 431 without"
+        " running the app. A header block over 4x this (CONTINUATION flood) or an HPACK expansion over 2x"
+        " (HPACK bomb) ends the tunnel with ENHANCE_YOUR_CALM.",
+        minimum=1024,
+        maximum=1 << 24,
+    )
+    max_header_count: int = _opt(
+        100,
+        "Most header fields in a request (pseudo-headers not counted); more get 431 without running the"
+        " app (HAProxy's tune.http.maxhdr is 101).",
+        minimum=1,
+        maximum=65535,
+    )
+    max_body_size: int = _opt(
+        0,
+        "Largest request body accepted (bytes; 0 = unlimited, as in HAProxy, gunicorn and waitress). A"
+        " larger Content-Length gets 413 before the app runs; a body that grows past it gets 413, or"
+        " RST_STREAM(CANCEL) once the response has started.",
+        minimum=0,
+    )
+    body_timeout: float = _opt(
+        60.0,
+        "Most seconds a wsgi.input read waits for request-body bytes (nginx client_body_timeout, 60 s);"
+        " then the app gets StreamTimeout and the proxy 408 (or RST_STREAM(CANCEL) once the response"
+        " started). 0 = wait forever.",
+        minimum=0.0,
+    )
+    send_timeout: float = _opt(
+        60.0,
+        "Most seconds a response may make no progress because the proxy grants no flow-control credit"
+        " (nginx send_timeout, 60 s); then its stream is reset (CANCEL), rhttp.cancelled is set and a"
+        " blocked write() raises. 0 = wait forever.",
+        minimum=0.0,
+    )
+    request_timeout: float = _opt(
+        0.0,
+        "Deadline for a whole request, HEADERS to last response byte (seconds; 0 = none, the default:"
+        " streaming responses such as SSE are legitimate). When reached, rhttp.cancelled is set and the"
+        " stream is reset (CANCEL). Python cannot kill a thread: the app's thread is free only when the"
+        " app returns; meanwhile it counts against max_concurrent_streams (TunnelInfo.lingering).",
+        minimum=0.0,
+    )
+    max_resets: int = _opt(
+        500,
+        "Stream resets a tunnel may cause per 10 s (token bucket; 0 = unlimited): RST_STREAM from the"
+        " proxy, and resets its frames force on the worker (malformed requests, streams beyond"
+        " max_concurrent_streams, flow-control errors). Beyond it the tunnel is closed with"
+        " GOAWAY(ENHANCE_YOUR_CALM) (HTTP/2 Rapid Reset, CVE-2023-44487; MadeYouReset, CVE-2025-8671).",
+        minimum=0,
+    )
+    control_frame_rate: float = _opt(
+        100.0,
+        "PING/SETTINGS frames (each forces a reply), and empty DATA, PRIORITY and unknown frames, the"
+        " proxy may send per second, sustained; beyond it and control_frame_burst the tunnel is closed"
+        " with GOAWAY(ENHANCE_YOUR_CALM) (CVE-2019-9512/9515/9518). 0 = unlimited.",
+        minimum=0.0,
+    )
+    control_frame_burst: int = _opt(
+        1000,
+        "Such frames the proxy may send at once before control_frame_rate applies (like Envoy's"
+        " max_outbound_control_frames, 1000).",
+        minimum=1,
+        maximum=1 << 20,
+    )
+    max_output_backlog: int = _opt(
+        1 << 20,
+        "Bytes of frames (replies to PING/SETTINGS, RST_STREAM, headers) that may wait for a proxy that"
+        " is not reading before the tunnel is closed with ENHANCE_YOUR_CALM (Envoy closes at 10000"
+        " queued frames).",
+        minimum=65536,
     )
     ping_interval: float = _opt(30.0, "Idle seconds before a PING is sent.", minimum=0.05, maximum=86400)
     ping_timeout: float = _opt(15.0, "Seconds to wait for a PING ACK before the tunnel is dropped.", minimum=0.05)
@@ -274,6 +344,27 @@ class ProxyOptions:
         " MAX_CONCURRENT_STREAMS, before 503 (seconds).",
         minimum=0.0,
     )
+    attach_wait: float = _opt(
+        0.0,
+        "How long a request may wait for a worker to attach when none is attached (the proxy just"
+        " (re)started, tunnels reconnecting), before 503 (seconds; 0 = 503 at once, as HAProxy and"
+        " Envoy answer when no server is up).",
+        minimum=0.0,
+    )
+    control_frame_rate: float = _opt(
+        100.0,
+        "PING/SETTINGS frames (each forces a reply) a worker may send per second, sustained; beyond"
+        " it and control_frame_burst the tunnel is flooding (CVE-2019-9512/9515) and is dropped with"
+        " GOAWAY(ENHANCE_YOUR_CALM). 0 = unlimited.",
+        minimum=0.0,
+    )
+    control_frame_burst: int = _opt(
+        1000,
+        "PING/SETTINGS frames a worker may send at once before control_frame_rate applies (like"
+        " Envoy's max_outbound_control_frames, 1000).",
+        minimum=1,
+        maximum=1 << 20,
+    )
     trust_forwarded: bool = _opt(
         False, "Keep client-supplied X-Forwarded-* headers (only behind a trusted front proxy)."
     )
@@ -281,6 +372,12 @@ class ProxyOptions:
         15.0, "Turnkey server: seconds a client has to send its request head.", minimum=0.01
     )
     idle_timeout: float = _opt(60.0, "Turnkey server: keep-alive idle timeout (seconds).", minimum=0.01)
+    body_timeout: float = _opt(
+        60.0,
+        "Turnkey server: most seconds between two reads of a request body (nginx client_body_timeout);"
+        " a client that stalls longer gets 408 and the connection is closed.",
+        minimum=0.01,
+    )
     shutdown_timeout: float = _opt(30.0, "Drain time for in-flight forwards on shutdown (seconds).", minimum=0.0)
     retry_after: int = _opt(
         1, "Retry-After (seconds) sent with 503 when no worker is available.", minimum=0, maximum=86400

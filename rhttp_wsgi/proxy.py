@@ -184,18 +184,24 @@ class WorkerInfo:
 class _Registry:
     """Attached workers; reservation of stream slots for forwards."""
 
-    def __init__(self, selector: Selector, stream_wait: float) -> None:
+    def __init__(self, selector: Selector, stream_wait: float, attach_wait: float = 0.0) -> None:
         self.cond = threading.Condition(threading.Lock())
         self.selector = selector
         self.stream_wait = stream_wait
+        self.attach_wait = attach_wait
         self.attached: list[WorkerInfo] = []
         self.closed = False
 
     # -- forwarders (server threads) ---------------------------------------------
 
     def acquire(self, environ: Mapping[str, Any], avoid: Sequence[WorkerInfo]) -> WorkerInfo:
-        """Pick a worker with a free stream slot and reserve it; waits up to ``stream_wait``."""
+        """Pick a worker with a free stream slot and reserve it.
+
+        Waits up to ``stream_wait`` while every eligible worker is full, and up
+        to ``attach_wait`` while no worker is attached at all.
+        """
         deadline: float | None = None
+        attach_deadline: float | None = None
         with self.cond:
             while True:
                 if self.closed:
@@ -206,7 +212,15 @@ class _Registry:
                     if fresh:
                         live = fresh
                 if not live:
-                    raise NoWorkerAvailable("no worker is attached")
+                    # Tunnels come and go (a proxy restart, a worker replacing a
+                    # lost tunnel): optionally wait for one to attach.
+                    now = time.monotonic()
+                    if attach_deadline is None:
+                        attach_deadline = now + self.attach_wait
+                    if now >= attach_deadline:
+                        raise NoWorkerAvailable("no worker is attached")
+                    self.cond.wait(attach_deadline - now)
+                    continue
                 free = [w for w in live if w.in_flight < w.max_concurrent_streams]
                 if free:
                     try:
@@ -312,7 +326,7 @@ class Proxy:
         self.selector: Selector = resolve_selector(selector if selector is not None else options.selector)
         self.on_attach = on_attach
         self.on_detach = on_detach
-        self._registry = _Registry(self.selector, options.stream_wait)
+        self._registry = _Registry(self.selector, options.stream_wait, options.attach_wait)
         self.wsgi_app: WSGIApp = Forwarder(self._registry, options)
         self._settings = ProtocolSettings(
             max_concurrent_streams=options.max_concurrent_streams,
@@ -321,6 +335,8 @@ class Proxy:
             max_header_list_size=options.max_header_list_size,
             ping_interval=options.ping_interval,
             ping_timeout=options.ping_timeout,
+            control_frame_rate=options.control_frame_rate,
+            control_frame_burst=options.control_frame_burst,
         )
         self._lock = threading.Lock()
         self._seq = itertools.count(1)
@@ -484,7 +500,8 @@ class Proxy:
             ctx.load_cert_chain(o.public_cert, o.public_key)
             ctx.set_alpn_protocols(["http/1.1"])
         server = PublicServer(self.wsgi_app, (host, port), ssl_context=ctx, header_timeout=o.header_timeout,
-                              idle_timeout=o.idle_timeout, max_head=o.max_request_head,
+                              idle_timeout=o.idle_timeout, body_timeout=o.body_timeout,
+                              max_head=o.max_request_head,
                               max_body=o.max_request_body, max_connections=o.max_connections)
         with self._lock:
             closed = self._closed
@@ -553,16 +570,21 @@ class Proxy:
         # 2. no new public connections; idle keep-alive connections closed
         for p in publics:
             p.stop_accepting()
-        # 3. no new forwards (503); in-flight ones continue
+        # 3. Let the public requests already read finish *before* the
+        # registry closes and the workers get GOAWAY: a request that reached
+        # this proxy just as it stopped (read before its connection could be
+        # closed as idle) is still forwarded, not answered 503.  Busy
+        # connections close after their response (the server is stopping).
+        ok = True
+        for p in publics:
+            ok = p.wait(remaining()) and ok
+        # 4. no new forwards (503); in-flight ones continue
         self._registry.close()
-        # 4. GOAWAY to every worker; each tunnel closes once its streams are done
+        # 5. GOAWAY to every worker; each tunnel closes once its streams are done
         with self._lock:
             tunnels = list(self._tunnels)
         for t in tunnels:
             t.drain()
-        ok = True
-        for p in publics:
-            ok = p.wait(remaining()) and ok
         for server in listeners:
             ok = server.join_threads(remaining()) and ok
         if not ok:

@@ -19,10 +19,20 @@ for the forwarder's needs:
   one that silently lacks data.
 * Timeouts: ``header_timeout`` bounds how long a client may take to send a
   request head (slowloris), ``idle_timeout`` how long a kept-alive connection
-  may sit between requests and how long a body read or a write may stall.
+  may sit between requests and how long a write may stall, ``body_timeout``
+  how long a request body read may stall (then 408, connection closed).
 * ``Expect: 100-continue`` is answered when the app first reads
   ``wsgi.input``; malformed requests get h11's suggested status (400, or 431
   for an oversized head); ``max_body`` gives 413.
+* Request smuggling: on top of h11's checks (conflicting Content-Length,
+  bad chunk sizes, unknown transfer codings, bare CR, whitespace before the
+  colon), ambiguous framing is refused with 400 and the connection closed:
+  Content-Length together with Transfer-Encoding, any repeated or list-valued
+  Content-Length (h11 would merge equal ones), Transfer-Encoding in an
+  HTTP/1.0 request, and obsolete line folding (h11 would unfold it), so that no
+  front-end can ever frame a request differently from this server (RFC 9112
+  §5.2, §6.1, §6.3).  Bare LF line endings are accepted, as h11 (and RFC 9112
+  §2.2) allow, and parsed consistently.
 
 Threads: one listener thread (``serve_forever``) and one thread per
 connection.  Nothing is shared between connections except the server's
@@ -34,6 +44,7 @@ from __future__ import annotations
 import http
 import io
 import logging
+import re
 import select
 import socket
 import socketserver
@@ -46,6 +57,8 @@ from typing import Any
 from urllib.parse import unquote_to_bytes
 
 import h11
+
+from .errors import UpstreamError
 
 __all__ = ["PublicServer", "RequestBodyError", "ThreadedTCPServer", "WSGIApp"]
 
@@ -65,6 +78,11 @@ _APP_HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", 
                              b"upgrade", b"te", b"trailer"})
 _NO_BODY_STATUS = frozenset({204, 304})
 _POLLRDHUP: int = getattr(select, "POLLRDHUP", 0)
+#: The blank line that ends a head (h11 accepts bare LF too).
+_END_OF_HEAD = re.compile(rb"\n\r?\n")
+#: A header line that starts with SP/HTAB: obs-fold (RFC 9112 §5.2).
+_OBS_FOLD = re.compile(rb"\n[ \t]")
+_CONTENT_LENGTH_LINE = re.compile(rb"(?im)^content-length[ \t]*:([^\r\n]*)")
 
 
 class RequestBodyError(ValueError):
@@ -231,6 +249,7 @@ class PublicServer:
         ssl_context: ssl.SSLContext | None = None,
         header_timeout: float = 15.0,
         idle_timeout: float = 60.0,
+        body_timeout: float = 60.0,
         max_head: int = 65536,
         max_body: int = 0,
         max_connections: int = 0,
@@ -240,6 +259,7 @@ class PublicServer:
         self.ssl_context = ssl_context
         self.header_timeout = header_timeout
         self.idle_timeout = idle_timeout
+        self.body_timeout = body_timeout
         self.max_head = max_head
         self.max_body = max_body
         self.name = name
@@ -338,6 +358,9 @@ class _Connection:
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=server.max_head)
         self.idle = True
         self.closed = False
+        #: Set when the request framing can no longer be trusted (a stalled
+        #: body): the response says "Connection: close" and the connection ends.
+        self.must_close = False
         self.requests = 0
         self._lock = threading.Lock()
         try:
@@ -460,6 +483,10 @@ class _Connection:
         # one may idle for idle_timeout, then has header_timeout from the first byte.
         first_byte = self.requests == 0
         deadline = time.monotonic() + (s.header_timeout if first_byte else s.idle_timeout)
+        # The raw bytes of this head (starting with what a pipelining client
+        # already sent), for the framing checks h11 cannot do after it merged
+        # or unfolded header lines.  h11 caps the head at max_head.
+        head = bytearray(self.h11.trailing_data[0])
         while True:
             try:
                 ev = self.h11.next_event()
@@ -478,6 +505,8 @@ class _Connection:
                 if data and not first_byte:
                     first_byte = True
                     deadline = time.monotonic() + s.header_timeout
+                if len(head) <= s.max_head:
+                    head += data
                 self.h11.receive_data(data)
                 continue
             if isinstance(ev, h11.Request):
@@ -486,6 +515,11 @@ class _Connection:
                 size = len(ev.method) + len(ev.target) + sum(len(k) + len(v) + 4 for k, v in ev.headers)
                 if size > s.max_head:
                     self._simple_error(431, f"request head larger than {s.max_head} bytes")
+                    return None
+                problem = _framing_problem(ev, bytes(head))
+                if problem is not None:
+                    log.info("%s: refused request from %s: %s (400)", s.name, self.addr, problem)
+                    self._simple_error(400, problem)
                     return None
                 return ev
             return None  # ConnectionClosed, or a client that sent something else
@@ -557,7 +591,14 @@ class _Connection:
                             req.target.decode("latin-1"), type(e).__name__, e)
                 return False
             status = getattr(e, "status", None)
-            if isinstance(e, RequestBodyError) or (isinstance(status, int) and 400 <= status < 500):
+            if isinstance(e, UpstreamError):
+                # The forwarder's body iterable failed before its first chunk
+                # (e.g. the worker's response was reset as malformed): nothing
+                # went out, so the client still gets the proper 502/504.
+                log.warning("%s: %s %s: %d %s", s.name, req.method.decode("latin-1"),
+                            req.target.decode("latin-1"), e.status, e)
+                self._simple_error(e.status, str(e))
+            elif isinstance(e, RequestBodyError) or (isinstance(status, int) and 400 <= status < 500):
                 log.info("%s: bad request body from %s: %s", s.name, self.addr, e)
                 self._simple_error(int(status or 400), str(e))
             else:
@@ -572,9 +613,13 @@ class _Connection:
                     close()
                 except Exception:
                     log.exception("%s: the response iterable's close() failed", s.name)
+        if resp.close_after or self.must_close:
+            # e.g. a 408 for a stalled body: waiting to drain the rest of
+            # that body would only hold the connection longer.
+            return False
         if self.h11.their_state is h11.SEND_BODY:
             return self._drain_body()
-        return not resp.close_after
+        return True
 
     def _drain_body(self) -> bool:
         """Discard an unread request body (bounded) so the connection can be reused."""
@@ -665,6 +710,29 @@ class _Connection:
         return environ
 
 
+def _framing_problem(req: h11.Request, head: bytes) -> str | None:
+    """Why a request's framing is ambiguous (400 and close), or None.
+
+    ``head`` holds the raw bytes received for this request (possibly followed
+    by body bytes or, when truncated at max_head, missing its end).
+    """
+    names = {k for k, _ in req.headers}
+    if b"transfer-encoding" in names:
+        if b"content-length" in names:
+            return "both Content-Length and Transfer-Encoding (RFC 9112 §6.1)"
+        if req.http_version == b"1.0":
+            return "Transfer-Encoding in an HTTP/1.0 request (RFC 9112 §6.1)"
+    head = head.lstrip(b"\r\n")
+    end = _END_OF_HEAD.search(head)
+    block = head[: end.start()] if end else head
+    if _OBS_FOLD.search(block):
+        return "obsolete line folding in the request head (RFC 9112 §5.2)"
+    lengths = _CONTENT_LENGTH_LINE.findall(block)
+    if len(lengths) > 1 or any(b"," in v for v in lengths):
+        return "repeated Content-Length (RFC 9112 §6.3)"
+    return None
+
+
 def _content_length(req: h11.Request) -> int | None:
     for k, v in req.headers:
         if k == b"content-length":
@@ -717,9 +785,11 @@ class _Input(io.RawIOBase):
         if h.they_are_waiting_for_100_continue:
             c._send(h11.InformationalResponse(status_code=100, headers=[]))
         try:
-            ev = c._next_event(c.server.idle_timeout)
+            ev = c._next_event(c.server.body_timeout)
         except TimeoutError as e:
-            raise RequestBodyError("the client stopped sending the request body", 408) from e
+            c.must_close = True
+            raise RequestBodyError(
+                f"no request body data for {c.server.body_timeout:g}s", 408) from e
         except h11.RemoteProtocolError as e:
             raise RequestBodyError(f"malformed request body: {e}") from e
         except OSError as e:
@@ -859,7 +929,7 @@ class _Response:
         headers = list(self.headers)
         if extra:
             headers += extra
-        if self.close_after or self.conn.server.stopping.is_set():
+        if self.close_after or self.conn.must_close or self.conn.server.stopping.is_set():
             headers.append((b"connection", b"close"))
         self.sent = True
         return h11.Response(status_code=self.status, headers=headers, reason=self.reason)

@@ -51,6 +51,9 @@ class TunnelInfo:
     streams_total: int
     reconnects: int
     last_error: str | None
+    #: App calls still running although their stream ended (reset or timed
+    #: out under a stuck app): threads that only the app itself can free.
+    lingering: int = 0
 
 
 @dataclass
@@ -114,6 +117,11 @@ class WorkerPool:
             max_header_list_size=options.max_header_list_size,
             ping_interval=options.ping_interval,
             ping_timeout=options.ping_timeout,
+            control_frame_rate=options.control_frame_rate,
+            control_frame_burst=options.control_frame_burst,
+            max_header_count=options.max_header_count,
+            max_resets=options.max_resets,
+            max_output_backlog=options.max_output_backlog,
         )
         self.requests_served = 0
         self._retiring: list[Tunnel] = []
@@ -235,6 +243,7 @@ class WorkerPool:
                     streams_total=s.tunnel.streams_total if s.tunnel is not None else 0,
                     reconnects=s.reconnects,
                     last_error=s.last_error,
+                    lingering=s.tunnel.lingering if s.tunnel is not None else 0,
                 )
                 for s in self._slots
             ]
@@ -264,7 +273,7 @@ class WorkerPool:
             peer = sock.getpeername()
             ctx = WSGIContext(self.app, url_scheme=o.url_scheme, remote_addr=str(peer[0]),
                               remote_port=int(peer[1]), peer_certificate=session.peer_certificate(),
-                              draining=self._draining, server_name=o.proxy_host)
+                              draining=self._draining, server_name=o.proxy_host, body_timeout=o.body_timeout)
             tunnel = Tunnel(
                 sock, session, TunnelProtocol("server", self._settings),
                 name=name,
@@ -273,6 +282,9 @@ class WorkerPool:
                 on_goaway=lambda t, ev: self._on_goaway(slot, generation, t, ev),
                 settings_timeout=o.handshake_timeout,
                 send_timeout=max(o.ping_timeout, 1.0),
+                stream_send_timeout=o.send_timeout,
+                request_timeout=o.request_timeout,
+                max_body_size=o.max_body_size,
                 clock=self._clock,
             )
             with self._lock:

@@ -18,7 +18,7 @@ from h2.errors import ErrorCodes
 
 from ._headers import CONNECTION_SPECIFIC, valid_name, valid_value
 from ._tunnel import Channel
-from .errors import RHTTPError, StreamReset, TunnelClosed
+from .errors import RHTTPError, StreamReset, StreamTimeout, TunnelClosed
 
 __all__ = ["WSGIContext", "run_wsgi", "InputStream", "FileWrapper"]
 
@@ -42,11 +42,12 @@ class WSGIContext:
     """What a tunnel's requests share: the app, the policy, the peer."""
 
     __slots__ = ("app", "url_scheme", "remote_addr", "remote_port", "peer_certificate", "draining",
-                 "server_name", "request_count")
+                 "server_name", "request_count", "body_timeout")
 
     def __init__(self, app: WSGIApp, *, url_scheme: str = "forwarded", remote_addr: str = "",
                  remote_port: int = 0, peer_certificate: Any = None,
-                 draining: threading.Event | None = None, server_name: str = "localhost") -> None:
+                 draining: threading.Event | None = None, server_name: str = "localhost",
+                 body_timeout: float | None = None) -> None:
         self.app = app
         self.url_scheme = url_scheme
         self.remote_addr = remote_addr
@@ -55,6 +56,9 @@ class WSGIContext:
         self.draining = draining or threading.Event()
         self.server_name = server_name
         self.request_count = 0
+        #: Most seconds a ``wsgi.input`` read waits for body bytes (None/0 = forever):
+        #: a stalled upload then raises StreamTimeout in the app and gets 408.
+        self.body_timeout = body_timeout or None
 
 
 class InputStream:
@@ -264,7 +268,7 @@ def build_environ(ch: Channel, ctx: WSGIContext) -> dict[str, Any]:
         "REMOTE_PORT": str(ctx.remote_port),
         "wsgi.version": (1, 0),
         "wsgi.url_scheme": url_scheme,
-        "wsgi.input": InputStream(ch),
+        "wsgi.input": InputStream(ch, ctx.body_timeout),
         "wsgi.errors": _ErrorStream(),
         "wsgi.multithread": True,
         "wsgi.multiprocess": False,
@@ -389,7 +393,12 @@ class _Response:
         if not self.sent_headers:
             self._send_headers(end=False)
         self.sent_bytes += n
-        self.ch.write(bytes(data))
+        # Once the declared Content-Length is complete, END_STREAM rides on
+        # these bytes rather than on an empty DATA frame sent when the
+        # iterable finishes (finish() -> ch.end() is then a no-op): HAProxy
+        # holds such a response ~200 ms when END_STREAM arrives alone after a
+        # pause (haproxy/haproxy#3447, seen with 3.0.11).
+        self.ch.write(bytes(data), end=self.sent_bytes == self.content_length)
 
     def finish(self) -> None:
         if not self.sent_headers:
@@ -423,6 +432,15 @@ def _error_response(ch: Channel, status: int, message: str) -> None:
 
 def run_wsgi(ch: Channel, ctx: WSGIContext) -> None:
     """Serve one stream with the app (app thread)."""
+    try:
+        _run_wsgi(ch, ctx)
+    finally:
+        # Only now is this stream's thread free again (a reset or timed-out
+        # stream counts as lingering until here).
+        ch.handler_done()
+
+
+def _run_wsgi(ch: Channel, ctx: WSGIContext) -> None:
     ctx.request_count += 1
     if ch.error is not None:  # reset while it waited in the queue: do not run the app
         return
@@ -464,6 +482,16 @@ def run_wsgi(ch: Channel, ctx: WSGIContext) -> None:
             resp.finish()
     except (StreamReset, TunnelClosed) as e:
         log.debug("stream %d: gave up, %s", ch.stream_id, e)
+    except StreamTimeout as e:
+        if ch.error is not None:  # the stream itself timed out (request_timeout, send stall)
+            log.debug("stream %d: gave up, %s", ch.stream_id, e)
+        elif not resp.sent_headers:
+            # wsgi.input waited body_timeout for bytes that never came.
+            log.info("stream %d: 408, %s", ch.stream_id, e)
+            _error_response(ch, 408, "Request Timeout")
+        else:
+            log.info("stream %d: %s after the response started; resetting the stream", ch.stream_id, e)
+            ch.reset(ErrorCodes.CANCEL)
     except _LengthMismatch as e:
         log.error("stream %d: %s; resetting the stream", ch.stream_id, e)
         ch.reset(ErrorCodes.INTERNAL_ERROR)

@@ -456,7 +456,7 @@ class Lab:
                      timeout: float = 5.0) -> None:
         """Until a request gets a non-503 answer (a tunnel is in HAProxy's pool), within ``timeout``."""
         deadline = time.monotonic() + timeout
-        last = None
+        last: Response | OSError | None = None
         while time.monotonic() < deadline:
             try:
                 last = http_request(public_port, "GET", path, headers={"Host": host}, timeout=5)
@@ -518,6 +518,7 @@ class TestApp:
                                         calls ``sse_ack(T, i)``
     * ``GET /barrier``               -> waits at :attr:`barrier` (every party must arrive)
     * ``GET /slow?ms=M``             -> streams 10 chunks over M ms, then ``done by <name>``
+    * ``GET /cl-pause?ms=M``         -> a Content-Length body, then the iterable lingers M ms
     """
 
     __test__ = False  # not a pytest test class
@@ -602,6 +603,8 @@ class TestApp:
             return self._reply(start_response, f"through the barrier at {self.name}".encode())
         if path == "/slow":
             return self._slow(start_response, int(q.get("ms", "500")))
+        if path == "/cl-pause":
+            return self._cl_pause(start_response, int(q.get("ms", "100")))
         return self._reply(start_response, b"not found\n", status="404 Not Found")
 
     def _reply(self, start_response: Callable[..., Any], body: bytes, ctype: str = "text/plain",
@@ -621,6 +624,12 @@ class TestApp:
             # one: if anything on the way buffered it, the test times out.
             if not events[i].wait(10.0):
                 raise TimeoutError(f"client never acknowledged SSE event {i}")
+
+    def _cl_pause(self, start_response: Callable[..., Any], ms: int) -> Iterator[bytes]:
+        body = b"complete"
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+        yield body
+        time.sleep(ms / 1000)  # the iterable ends well after the last byte
 
     def _slow(self, start_response: Callable[..., Any], ms: int) -> Iterator[bytes]:
         start_response("200 OK", [("Content-Type", "text/plain"), ("X-Worker", self.name)])

@@ -18,13 +18,16 @@ import subprocess
 import threading
 import time
 import warnings
+from typing import Any
 
 import pytest
 
 from .haproxy_fixtures import (
     IDLE_PING_VERSION,
+    HAProxyProcess,
     RECOMMENDED_CFG,
     Lab,
+    Response,
     TestApp,
     free_ports,
     http_request,
@@ -38,12 +41,12 @@ pytestmark = [pytest.mark.haproxy, pytest.mark.timeout(60)]
 MiB = 1 << 20
 
 
-def _get(port: int, path: str, host: str = "app.example", **kw):  # type: ignore[no-untyped-def]
+def _get(port: int, path: str, host: str = "app.example", **kw: Any) -> Response:
     headers = {"Host": host, **kw.pop("headers", {})}
     return http_request(port, "GET", path, headers=headers, **kw)
 
 
-def _post(port: int, path: str, body: bytes, host: str = "app.example"):  # type: ignore[no-untyped-def]
+def _post(port: int, path: str, body: bytes, host: str = "app.example") -> Response:
     return http_request(port, "POST", path, body=body,
                         headers={"Host": host, "Content-Type": "application/octet-stream"})
 
@@ -94,7 +97,7 @@ def test_idle_ping_variant_matches_version(lab: Lab) -> None:
 
 
 def test_basic_round_trip(lab: Lab) -> None:
-    hp, tunnel_port, public_port = lab.start_recommended()
+    _hp, tunnel_port, public_port = lab.start_recommended()
     app = TestApp("worker")
     worker = lab.worker(app, tunnel_port, connections=2)
     lab.wait_serving(public_port, "/hello")
@@ -106,7 +109,7 @@ def test_basic_round_trip(lab: Lab) -> None:
 
 def test_forwarded_headers_and_host_over_http11(lab: Lab) -> None:
     """HAProxy sends `host` (no :authority) for HTTP/1.1 clients; X-Forwarded-* are set, not spoofable."""
-    hp, tunnel_port, public_port = lab.start_recommended()
+    _hp, tunnel_port, public_port = lab.start_recommended()
     lab.worker(TestApp("worker"), tunnel_port)
     lab.wait_serving(public_port, "/hello")
     r = _get(public_port, "/env?x=1", host="app.example:8080",
@@ -127,7 +130,7 @@ def test_host_over_h2c(lab: Lab) -> None:
     curl = shutil.which("curl")
     if curl is None:
         pytest.skip("curl not installed")
-    hp, tunnel_port, public_port = lab.start_recommended()
+    _hp, tunnel_port, public_port = lab.start_recommended()
     lab.worker(TestApp("worker"), tunnel_port)
     lab.wait_serving(public_port, "/hello")
     out = subprocess.run(
@@ -196,7 +199,7 @@ def test_concurrent_requests_span_tunnels(lab: Lab, clients: int, connections: i
     limit = "tune.h2.fe.max-concurrent-streams 100"
     assert limit in text
     text = text.replace(limit, f"tune.h2.fe.max-concurrent-streams {streams_per_tunnel}")
-    hp, tunnel_port, public_port = lab.start_recommended(cfg_text=text)
+    _hp, tunnel_port, public_port = lab.start_recommended(cfg_text=text)
     app = TestApp("worker", barrier_parties=clients, barrier_timeout=20)
     worker = lab.worker(app, tunnel_port, connections=connections, threads=clients + 8,
                         max_concurrent_streams=streams_per_tunnel)
@@ -208,7 +211,7 @@ def test_concurrent_requests_span_tunnels(lab: Lab, clients: int, connections: i
     statuses = [r.status for r in results]
     assert statuses == [200] * clients, statuses
     assert app.max_in_flight >= clients
-    used = [t.streams_total - b for t, b in zip(worker.tunnels(), before)]
+    used = [t.streams_total - b for t, b in zip(worker.tunnels(), before, strict=True)]
     assert all(n > 0 for n in used), f"streams per tunnel: {used}"
     assert sum(used) == clients, f"streams per tunnel: {used} (refused streams were retried?)"
 
@@ -217,9 +220,10 @@ def test_one_tunnel_serves_all_haproxy_threads(lab: Lab) -> None:
     """With `thread 1` on the binds, a single tunnel carries concurrent requests even when
     HAProxy runs 4 threads (without it, requests on threads that hold no tunnel get 503)."""
     text = RECOMMENDED_CFG.read_text()
-    text = text.replace("    expose-experimental-directives\n", "    expose-experimental-directives\n    nbthread 4\n", 1)
+    text = text.replace("    expose-experimental-directives\n",
+                        "    expose-experimental-directives\n    nbthread 4\n", 1)
     assert "nbthread 4" in text
-    hp, tunnel_port, public_port = lab.start_recommended(cfg_text=text)
+    _hp, tunnel_port, public_port = lab.start_recommended(cfg_text=text)
     app = TestApp("worker", barrier_parties=30, barrier_timeout=20)
     worker = lab.worker(app, tunnel_port, connections=1, threads=40)
     lab.wait_serving(public_port, "/hello")
@@ -230,7 +234,7 @@ def test_one_tunnel_serves_all_haproxy_threads(lab: Lab) -> None:
 
 
 def test_concurrent_posts_with_bodies(lab: Lab) -> None:
-    hp, tunnel_port, public_port = lab.start_recommended()
+    _hp, tunnel_port, public_port = lab.start_recommended()
     lab.worker(TestApp("worker"), tunnel_port, connections=4, threads=32)
     lab.wait_serving(public_port, "/hello")
     bodies = [os.urandom(256 * 1024 + i) for i in range(20)]
@@ -254,7 +258,7 @@ def test_concurrent_posts_with_bodies(lab: Lab) -> None:
 @pytest.mark.parametrize("size", [1 * MiB, 8 * MiB], ids=["1MiB", "8MiB"])
 def test_large_response_intact(lab: Lab, size: int) -> None:
     """Far beyond HAProxy's 16 KiB initial stream window: flow control must keep it moving."""
-    hp, tunnel_port, public_port = lab.start_recommended()
+    _hp, tunnel_port, public_port = lab.start_recommended()
     lab.worker(TestApp("worker"), tunnel_port)
     lab.wait_serving(public_port, "/hello")
     r = _get(public_port, f"/bytes?n={size}&seed=7", timeout=30)
@@ -266,7 +270,7 @@ def test_large_response_intact(lab: Lab, size: int) -> None:
 
 @pytest.mark.parametrize("size", [1 * MiB, 8 * MiB], ids=["1MiB", "8MiB"])
 def test_large_request_body_intact(lab: Lab, size: int) -> None:
-    hp, tunnel_port, public_port = lab.start_recommended()
+    _hp, tunnel_port, public_port = lab.start_recommended()
     lab.worker(TestApp("worker"), tunnel_port)
     lab.wait_serving(public_port, "/hello")
     body = os.urandom(size)
@@ -287,7 +291,7 @@ def test_large_request_body_intact(lab: Lab, size: int) -> None:
 
 def test_sse_chunks_arrive_one_by_one(lab: Lab) -> None:
     """Each event reaches the client before the app produces the next one (nothing buffers)."""
-    hp, tunnel_port, public_port = lab.start_recommended()
+    _hp, tunnel_port, public_port = lab.start_recommended()
     app = TestApp("worker")
     lab.worker(app, tunnel_port)
     lab.wait_serving(public_port, "/hello")
@@ -300,6 +304,7 @@ def test_sse_chunks_arrive_one_by_one(lab: Lab) -> None:
         assert r.status == 200
         assert r.headers["Content-Type"] == "text/event-stream"
         buf = b""
+        latencies = []
         for i in range(n):
             expected = f"id: {i}\ndata: tick {i}\n\n".encode()
             deadline = time.monotonic() + 10
@@ -308,6 +313,7 @@ def test_sse_chunks_arrive_one_by_one(lab: Lab) -> None:
                 chunk = r.read1(65536)  # returns as soon as some bytes arrived
                 assert chunk, f"stream ended before event {i}; got {buf!r}"
                 buf += chunk
+            latencies.append(time.monotonic() - app.sse_sent["t1"][i])
             head, _, buf = buf.partition(expected)
             assert head == b"", f"unexpected bytes before event {i}: {head!r}"
             # The app is blocked until this ack: the next event cannot be in flight yet.
@@ -317,6 +323,31 @@ def test_sse_chunks_arrive_one_by_one(lab: Lab) -> None:
     finally:
         conn.close()
     assert len(app.sse_sent["t1"]) == n
+    # Not held back on the way either: without `option http-no-delay` HAProxy
+    # delivers each event ~200 ms late (MSG_MORE); with it, in about 1 ms.
+    assert max(latencies) < 0.1, [round(x, 3) for x in latencies]
+
+
+def test_content_length_response_not_delayed(lab: Lab) -> None:
+    """A Content-Length response ends with its last bytes, even if the app's iterable lingers.
+
+    END_STREAM sent later in an empty DATA frame makes HAProxy hold the
+    response ~200 ms (haproxy/haproxy#3447); the worker ends the stream as
+    soon as the declared length is complete.  `option http-no-delay` would
+    hide the problem, so it is taken out of the config here.
+    """
+    text = RECOMMENDED_CFG.read_text()
+    assert "    option http-no-delay\n" in text
+    _hp, tunnel_port, public_port = lab.start_recommended(
+        cfg_text=text.replace("    option http-no-delay\n", ""))
+    lab.worker(TestApp("worker"), tunnel_port)
+    lab.wait_serving(public_port, "/hello")
+    times = []
+    for _ in range(3):
+        r = _get(public_port, "/cl-pause?ms=150")
+        assert (r.status, r.body) == (200, b"complete")
+        times.append(r.elapsed)
+    assert sorted(times)[1] < 0.1, [round(t, 3) for t in times]
 
 
 # ---------------------------------------------------------------------------
@@ -328,6 +359,7 @@ def test_sse_chunks_arrive_one_by_one(lab: Lab) -> None:
 def test_rejected_worker_keeps_retrying_without_hanging(lab: Lab, kind: str) -> None:
     hp, tunnel_port, public_port = lab.start_recommended(allowed=("worker",))
     good = lab.worker(TestApp("worker"), tunnel_port)
+    log_start = len(hp.log_text(limit=1 << 30))  # count only the rejected worker's attempts
     if kind == "cn-not-allowed":
         cert = lab.worker_cert("intruder")  # same CA, CN not on the allow list
     else:
@@ -339,13 +371,13 @@ def test_rejected_worker_keeps_retrying_without_hanging(lab: Lab, kind: str) -> 
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
         infos = bad.tunnels()
-        if all(t.last_error and not t.connected for t in infos) and _tunnel_attempts(hp.log_text()) >= 4:
+        if all(t.last_error and not t.connected for t in infos) and _attempts(hp, log_start) >= 4:
             break
         time.sleep(0.05)
     infos = bad.tunnels()
     assert all(not t.connected for t in infos), infos
     assert all(t.last_error for t in infos), infos
-    assert _tunnel_attempts(hp.log_text()) >= 4, hp.log_text()[-2000:]
+    assert _attempts(hp, log_start) >= 4, hp.log_text()[-2000:]
     # The good worker is unaffected, and only it serves.
     for _ in range(5):
         r = _get(public_port, "/hello")
@@ -357,9 +389,9 @@ def test_rejected_worker_keeps_retrying_without_hanging(lab: Lab, kind: str) -> 
     assert good.tunnels()[0].connected
 
 
-def _tunnel_attempts(log_text: str) -> int:
-    """Connections HAProxy logged on the tunnel frontend (handshake failures and rejects)."""
-    return len(re.findall(r"fe_rhttp_tunnels", log_text))
+def _attempts(hp: HAProxyProcess, start: int) -> int:
+    """Connections HAProxy logged on the tunnel frontend since `start` (handshake failures, rejects)."""
+    return len(re.findall(r"fe_rhttp_tunnels", hp.log_text(limit=1 << 30)[start:]))
 
 
 # ---------------------------------------------------------------------------
@@ -473,11 +505,17 @@ def test_worker_shutdown_while_haproxy_sends(lab: Lab) -> None:
     lab.wait_serving(public_port, "/hello")
     # Slow streaming requests, all on worker A (B does not exist yet).
     slow_n = 8
-    slow_results: list[object] = []
+    slow_results: list[Response | BaseException] = []
+
+    def slow_request() -> None:
+        try:
+            slow_results.append(_get(public_port, "/slow?ms=1500", timeout=20))
+        except BaseException as e:  # reported by the assertions below
+            slow_results.append(e)
+
     slow_threads = []
     for _ in range(slow_n):
-        th = threading.Thread(target=lambda: slow_results.append(_get(public_port, "/slow?ms=1500", timeout=20)),
-                              daemon=True)
+        th = threading.Thread(target=slow_request, daemon=True)
         th.start()
         slow_threads.append(th)
     deadline = time.monotonic() + 5
@@ -535,7 +573,7 @@ def test_worker_shutdown_while_haproxy_sends(lab: Lab) -> None:
     assert shutdown_result == [True], "worker A did not drain in time"
     assert len(slow_results) == slow_n
     for r in slow_results:
-        assert not isinstance(r, BaseException), r
+        assert isinstance(r, Response), r
         assert r.status == 200
         assert r.body == b"0.1.2.3.4.5.6.7.8.9.done by worker-a"
     bad = [f for f in fast if f[1] != 200]

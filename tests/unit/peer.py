@@ -168,8 +168,19 @@ class H2Peer:
         self._ping_seq = 0
         self._settings_sent = False
         self._ack_pending = False
+        #: Cleared by pause_reading(): the reader stops calling recv() (a peer
+        #: that does not read, so the worker's output backs up).
+        self._reading = threading.Event()
+        self._reading.set()
 
     # -- lifecycle ---------------------------------------------------------
+
+    def pause_reading(self) -> None:
+        """Stop reading from the socket (one recv() already in progress still completes)."""
+        self._reading.clear()
+
+    def resume_reading(self) -> None:
+        self._reading.set()
 
     def start(self) -> H2Peer:
         self._thread.start()
@@ -189,6 +200,7 @@ class H2Peer:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+        self._reading.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
         try:
@@ -203,6 +215,7 @@ class H2Peer:
         buf = bytearray()
         try:
             while True:
+                self._reading.wait()
                 data = self.sock.recv(65536)
                 if not data:
                     break

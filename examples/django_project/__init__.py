@@ -1,0 +1,1 @@
+"""A minimal Django project served through rhttp-wsgi (see README.md)."""

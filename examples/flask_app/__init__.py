@@ -1,0 +1,1 @@
+"""A Flask app served through rhttp-wsgi (see README.md)."""
