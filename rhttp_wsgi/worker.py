@@ -318,7 +318,9 @@ class WorkerPool:
                 log.info("%s: disconnected from %s: %s", name, o.proxy, reason)
                 slot.failures = 0
                 slot.reconnects += 1
-                delay = self._rng() * REPLACE_JITTER
+                # HAProxy purges idle tunnels all at once: whoever finds the pool
+                # with no live tunnel redials at once; the others spread out a little.
+                delay = self._rng() * REPLACE_JITTER if self._any_live_tunnel() else 0.0
             else:
                 slot.failures += 1
                 slot.last_error = reason
@@ -327,6 +329,10 @@ class WorkerPool:
             if slot.generation != generation:
                 return  # a replacement thread already owns this slot
             self._stopping.wait(delay)
+
+    def _any_live_tunnel(self) -> bool:
+        with self._lock:
+            return any(s.tunnel is not None and s.tunnel.accepting for s in self._slots)
 
     def _dial(self, host: str, port: int) -> tuple[socket.socket, TLSSession]:
         o = self.options
