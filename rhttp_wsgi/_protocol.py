@@ -164,10 +164,11 @@ class RequestRejected(h2.events.Event):
 class _TokenBucket:
     """``capacity`` events at once, refilled at ``capacity / window`` per second (time is fed in)."""
 
-    __slots__ = ("capacity", "rate", "tokens", "stamp")
+    __slots__ = ("capacity", "window", "rate", "tokens", "stamp")
 
     def __init__(self, capacity: int, window: float) -> None:
         self.capacity = float(capacity)
+        self.window = window
         self.rate = capacity / window if window > 0 else 0.0
         self.tokens = float(capacity)
         self.stamp = 0.0
@@ -249,12 +250,31 @@ class _H2Connection(h2.connection.H2Connection):
     #: MAX_CONCURRENT_STREAMS of them new streams are refused, which bounds the
     #: app pool's queue per tunnel whatever the peer resets.
     lingering_handlers = 0
+    #: Worker role: token bucket over stream resets (set by TunnelProtocol; None = unlimited).
+    reset_bucket: _TokenBucket | None = None
 
     def __init__(self, config: h2.config.H2Configuration) -> None:
         super().__init__(config=config)
         self.incoming_buffer = _FrameBuffer(server=not config.client_side)
         table: dict[Any, Any] = self._frame_dispatch_table
         table[_ZeroWindowUpdate] = self._receive_zero_window_update
+
+    def _receive_frame(self, frame: Any) -> list[h2.events.Event]:
+        events: list[h2.events.Event] = super()._receive_frame(frame)
+        bucket = self.reset_bucket
+        if bucket is not None and events:
+            # Every stream reset the peer causes -- its RST_STREAM (Rapid Reset) or
+            # one its frames force on us (MadeYouReset: h2's stream errors, ours,
+            # refusals past MAX_CONCURRENT_STREAMS) -- is charged here, per frame,
+            # so a single read cannot buy more resets than the bucket holds.
+            ev: Any
+            for ev in events:
+                t = type(ev)
+                if (t is h2.events.StreamReset or (t is StreamRefused and ev.abusive)) \
+                        and not bucket.take(self.now):
+                    raise h2.exceptions.DenialOfServiceError(
+                        f"more than {bucket.capacity:g} stream resets in {bucket.window:g}s")
+        return events
 
     def _refuse(self, frame: Any, code: ErrorCodes, abusive: bool = False) -> tuple[list[Any], list[h2.events.Event]]:
         # Decode anyway: the HPACK dynamic table must see every header block.
@@ -515,7 +535,8 @@ class TunnelProtocol:
         # A compressed block is no longer than its list except for Huffman-bloated
         # binary values (up to 30 bits per octet): 4x leaves room for those.
         self._max_header_block = 4 * s.max_header_list_size
-        self._resets = _TokenBucket(s.max_resets, s.reset_window) if role == "server" and s.max_resets else None
+        if role == "server" and s.max_resets:
+            self.h2.reset_bucket = _TokenBucket(s.max_resets, s.reset_window)
         self.h2.flood_rate = float(s.control_frame_rate)
         self.h2.flood_burst = float(s.control_frame_burst)
         self.h2._flood_tokens = float(s.control_frame_burst)
@@ -536,8 +557,8 @@ class TunnelProtocol:
         """Queue our preface (worker) and SETTINGS, and open the connection window."""
         self._last_recv = now
         self.h2.now = self.h2._flood_at = now
-        if self._resets is not None:
-            self._resets.stamp = now
+        if self.h2.reset_bucket is not None:
+            self.h2.reset_bucket.stamp = now
         self.h2.initiate_connection()
         if self.role == "server":
             # h2's server frame buffer waits for a preface we will never
@@ -594,18 +615,10 @@ class TunnelProtocol:
             self._fail(code)
             raise ProtocolViolation(f"{type(e).__name__}: {e}", code) from e
         self._check_input_limits()
-        resets = self._resets
         ev: Any
         for ev in events:
             t = type(ev)
-            if t is h2.events.StreamReset or (t is StreamRefused and ev.abusive):
-                # Rapid Reset (the peer's RST_STREAM) and MadeYouReset (resets
-                # its frames force on us) cost a stream's setup each.
-                if resets is not None and not resets.take(now):
-                    s = self.settings
-                    self._violation(ErrorCodes.ENHANCE_YOUR_CALM,
-                                    f"more than {s.max_resets} stream resets in {s.reset_window:g}s")
-            elif t is h2.events.RemoteSettingsChanged:
+            if t is h2.events.RemoteSettingsChanged:
                 self.settings_received = True
             elif t is h2.events.PingAckReceived:
                 if self._ping_payload is not None and ev.ping_data == self._ping_payload:

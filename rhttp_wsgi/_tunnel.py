@@ -597,6 +597,10 @@ class Tunnel:
                 new.append(ch)
                 if self._request_timeout:
                     self._deadlines[ch] = self._clock() + self._request_timeout
+                    if len(self._deadlines) == 1:
+                        # The writer sleeps until its next timer; with one
+                        # timeout for all, only a first deadline can be earlier.
+                        self._wake.notify()
                 if self._max_body:
                     # Content-Length above the limit: 413 before the app runs.
                     # (h2 already holds the parsed value, and checks the body against it.)

@@ -49,7 +49,10 @@ Lifecycle.
 * SIGHUP to the master (reload): the master starts new workers, then SIGTERMs
   the old ones.  An old worker keeps serving until a *younger* worker has its
   tunnels up (at most half of ``graceful_timeout``), and only then drains, so
-  the proxy always has a worker and no request fails.  The processes of one
+  the proxy always has a worker and no request fails.  The old workers send
+  their GOAWAYs one at a time, a quarter second apart: a request racing one
+  GOAWAY is refused by that worker and retried by the proxy on another, which
+  must not be racing its own.  The processes of one
   master share their state (booting / ready / draining) through a small shared
   memory table created by the master.
 * ``max_requests``: when the process has started that many requests it retires
@@ -122,7 +125,8 @@ class _Siblings:
     _ENTRY = struct.Struct("=qqqd")
 
     def __init__(self) -> None:
-        size = self.SLOTS * self._ENTRY.size
+        # One more entry after the slots: (0, 0, 0, time of the last hand-over GOAWAY).
+        size = (self.SLOTS + 1) * self._ENTRY.size
         self._file = tempfile.TemporaryFile(prefix="rhttp-gunicorn-")
         os.ftruncate(self._file.fileno(), size)
         self._mem = mmap.mmap(self._file.fileno(), size)
@@ -189,6 +193,25 @@ class _Siblings:
         booting = any(s == _BOOTING for _, _, s, _ in live)
         ready = [since + SETTLE for _, _, s, since in live if s == _READY]
         return booting, (min(ready) if ready else None)
+
+    def next_handover(self) -> float:
+        """0.0 if this worker may send its hand-over GOAWAY now (recorded), else how long to wait.
+
+        Old workers hand over one at a time, SETTLE apart.  A request the proxy
+        sent to a worker whose GOAWAY was on its way is refused and retried
+        once, on another worker: that one must not be in the same window.
+        """
+        now = time.monotonic()
+        offset = self.SLOTS * self._ENTRY.size
+        self._lock()
+        try:
+            last = float(self._ENTRY.unpack_from(self._mem, offset)[3])
+            if last and now < last + SETTLE:
+                return last + SETTLE - now
+            self._ENTRY.pack_into(self._mem, offset, 0, 0, 0, now)
+            return 0.0
+        finally:
+            self._unlock()
 
     def claim_retirement(self, age: int, pid: int) -> bool:
         """Mark ``age`` draining if another worker is ready (and settled); atomically."""
@@ -385,6 +408,7 @@ class RHTTPWorker(Worker):  # type: ignore[misc]  # gunicorn ships no type infor
         told to stop: on SIGHUP the master forks the new workers, then
         SIGTERMs the old ones.  Younger workers that are already serving are
         not successors (on SIGHUP they are old ones too, about to be stopped).
+        Then the old workers send their GOAWAYs one at a time (``next_handover``).
         """
         successors = self.shared.booting_younger(self.age)
         if not successors:
@@ -393,13 +417,15 @@ class RHTTPWorker(Worker):  # type: ignore[misc]  # gunicorn ships no type infor
         while not self._quick and not self._parent_gone():
             booting, settled_at = self.shared.successor_status(successors)
             now = time.monotonic()
-            if settled_at is not None and now >= settled_at:
+            settled = settled_at is not None and now >= settled_at
+            if settled and self.shared.next_handover() == 0.0:
                 return
             if settled_at is None and not booting:
                 self.log.warning("rhttp worker: the new workers exited before connecting; draining")
                 return
             if now >= deadline:
-                self.log.warning("rhttp worker: no new worker connected in time; draining anyway")
+                self.log.warning("rhttp worker: %s; draining anyway",
+                                 "no hand-over slot in time" if settled else "no new worker connected in time")
                 return
             self.notify()
             self._sleep(FAST_POLL)

@@ -19,12 +19,12 @@ from typing import Any
 from .errors import ConfigError, MTLSRequiredError
 
 __all__ = [
-    "WorkerOptions",
     "ProxyOptions",
-    "parse_address",
-    "option_fields",
+    "WorkerOptions",
     "env_name",
     "flag_name",
+    "option_fields",
+    "parse_address",
     "settings_reference",
 ]
 
@@ -353,15 +353,15 @@ class ProxyOptions:
     )
     control_frame_rate: float = _opt(
         100.0,
-        "PING/SETTINGS frames (each forces a reply) a worker may send per second, sustained; beyond"
-        " it and control_frame_burst the tunnel is flooding (CVE-2019-9512/9515) and is dropped with"
-        " GOAWAY(ENHANCE_YOUR_CALM). 0 = unlimited.",
+        "PING/SETTINGS frames (each forces a reply), and empty DATA, PRIORITY and unknown frames, a"
+        " worker may send per second, sustained; beyond it and control_frame_burst the tunnel is"
+        " flooding (CVE-2019-9512/9515/9518) and is detached with GOAWAY(ENHANCE_YOUR_CALM). 0 = unlimited.",
         minimum=0.0,
     )
     control_frame_burst: int = _opt(
         1000,
-        "PING/SETTINGS frames a worker may send at once before control_frame_rate applies (like"
-        " Envoy's max_outbound_control_frames, 1000).",
+        "Such frames a worker may send at once before control_frame_rate applies (like Envoy's"
+        " max_outbound_control_frames, 1000).",
         minimum=1,
         maximum=1 << 20,
     )

@@ -791,6 +791,7 @@ class _Input(io.RawIOBase):
             raise RequestBodyError(
                 f"no request body data for {c.server.body_timeout:g}s", 408) from e
         except h11.RemoteProtocolError as e:
+            c.must_close = True  # the body's framing is broken: nothing after it can be trusted
             raise RequestBodyError(f"malformed request body: {e}") from e
         except OSError as e:
             raise _Closed(f"read failed: {e}") from e

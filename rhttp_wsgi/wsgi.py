@@ -223,10 +223,10 @@ def build_environ(ch: Channel, ctx: WSGIContext) -> dict[str, Any]:
             environ[key] += ", " + value
         else:
             environ[key] = value
+    if method == "CONNECT":  # (before the :path check: a plain CONNECT has none)
+        raise BadRequest(501, "CONNECT is not supported")
     if method is None or path is None:
         raise BadRequest(400, "missing :method or :path")
-    if method == "CONNECT":
-        raise BadRequest(501, "CONNECT is not supported")
     if cookies:
         environ["HTTP_COOKIE"] = "; ".join(cookies)
     host_value = authority if authority is not None else host
@@ -235,6 +235,8 @@ def build_environ(ch: Channel, ctx: WSGIContext) -> dict[str, Any]:
     # :path is origin-form (or "*" for OPTIONS)
     raw_uri = _latin1(path)
     if path == b"*":
+        if method != "OPTIONS":  # asterisk-form is for OPTIONS only (RFC 9110 §7.1)
+            raise BadRequest(400, "invalid :path")
         path_part, query = b"*", b""
     else:
         path_part, _, query = path.partition(b"?")

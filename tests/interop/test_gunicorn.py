@@ -172,7 +172,7 @@ def get(proxy: Front, path: str = "/", timeout: float = 15.0) -> tuple[int, str,
 
 
 def attached(proxy: Front, g: Gunicorn, n: int) -> None:
-    assert proxy.wait_for_workers(n), g.log()
+    assert proxy.wait_for_workers(n), f"{n} tunnel(s) not attached\n" + g.log()
 
 
 # -- options ---------------------------------------------------------------------------------
@@ -290,9 +290,10 @@ def test_sighup_replaces_workers_without_a_failed_request(proxy: Front, start: C
     try:
         assert wait_until(lambda: len(results) >= 20)
         g.signal(signal.SIGHUP)
-        assert wait_until(lambda: old <= g.exited()), g.log()  # both old workers drained and left
+        assert wait_until(lambda: old <= g.exited()), "old workers still running\n" + g.log()
+        # (each old worker waited for *a* new one: the other may still be booting)
+        assert wait_until(lambda: len(set(g.booted()) - old) == 2), "no 2 new workers\n" + g.log()
         new = set(g.booted()) - old
-        assert len(new) == 2, g.log()
         mark = len(results)  # the one request in flight now may still be an old worker's
         assert wait_until(lambda: len(results) >= mark + 20)
     finally:
@@ -314,7 +315,8 @@ def test_max_requests_recycles_without_a_failed_request(proxy: Front, start: Cal
     g = start("--workers", "2", "--max-requests", "5")
     attached(proxy, g, 2)
     pids: list[int] = []
-    for _ in range(20):
+    deadline = time.monotonic() + 30  # a replacement must boot (import the app, handshake) to show up
+    while (len(pids) < 20 or len(set(pids)) < 3) and time.monotonic() < deadline:
         status, body, _ = get(proxy)
         assert status == 200, (status, body, g.log())
         pids.append(int(body))
@@ -347,7 +349,7 @@ def test_max_requests_with_one_worker_recycles_the_slot(proxy: Front, start: Cal
         time.sleep(0.05)
     assert len(set(served)) >= 3, (served, other, g.log())
     assert all(s == 503 and "retry-after" in h for s, _, h in other), other
-    assert max(Counter(served).values()) <= 3, served
+    assert max(Counter(served).values()) <= 4, served  # the limit, or one more that raced the GOAWAY
     g.signal(signal.SIGTERM)
     assert g.wait() == 0, g.log()
 
