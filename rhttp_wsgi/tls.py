@@ -33,6 +33,10 @@ __all__ = [
 log = logging.getLogger("rhttp_wsgi.tls")
 
 _READ_CHUNK = 1 << 20
+#: TLS 1.2 suites allowed with HTTP/2: ephemeral key exchange and AEAD only, so
+#: none of RFC 9113 §9.2.2 / Appendix A's blocklist can be negotiated.  (TLS 1.3
+#: suites are all acceptable and are configured separately by OpenSSL.)
+H2_TLS12_CIPHERS = b"ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20"
 
 
 def _load_identity(ctx: SSL.Context, cert: str, key: str, *, what: str) -> None:
@@ -81,6 +85,7 @@ def client_context(cert: str, key: str, ca: str | None) -> SSL.Context:
     """Context for a worker dialing a proxy: TLS >= 1.2, ALPN h2, verify the proxy, show our cert."""
     ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
     ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+    ctx.set_cipher_list(H2_TLS12_CIPHERS)
     ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION)
     _load_identity(ctx, cert, key, what="client")
     if ca is not None:
@@ -99,6 +104,7 @@ def server_context(cert: str, key: str, workers_ca: str) -> SSL.Context:
     """Context for the proxy's tunnel port: client certificate required, ALPN h2 only."""
     ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
     ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+    ctx.set_cipher_list(H2_TLS12_CIPHERS)
     ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION | SSL.OP_CIPHER_SERVER_PREFERENCE)
     _load_identity(ctx, cert, key, what="server")
     try:

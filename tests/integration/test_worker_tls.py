@@ -309,3 +309,24 @@ def test_refused_by_proxy_goaway_backs_off(pki: DemoPKI, proxy: MiniProxy,
               for r in caplog.records if "GOAWAY(INADEQUATE_SECURITY)" in r.getMessage()]
     assert len(delays) >= 3, [r.getMessage() for r in caplog.records]
     assert delays[0] >= 0.1 and delays[2] > delays[0], delays
+
+
+def test_tls12_blocklisted_cipher_is_refused(pki: DemoPKI, proxy: MiniProxy) -> None:
+    """RFC 9113 §9.2.2: a TLS 1.2 peer limited to a blocklisted (CBC) suite is refused."""
+    import socket
+
+    from OpenSSL import SSL
+
+    from rhttp_wsgi.errors import TLSSetupError
+    from rhttp_wsgi.tls import TLSSession
+
+    cert, key = pki.workers["worker"]
+    ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    ctx.set_max_proto_version(SSL.TLS1_2_VERSION)
+    ctx.set_cipher_list(b"ECDHE-ECDSA-AES128-SHA")
+    ctx.use_certificate_chain_file(str(cert))
+    ctx.use_privatekey_file(str(key))
+    ctx.set_alpn_protos([b"h2"])
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as s:
+        with pytest.raises(TLSSetupError):
+            TLSSession(ctx, server_side=False).handshake(s, 5)
