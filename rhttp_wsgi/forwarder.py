@@ -19,9 +19,13 @@ Per request, on the server's thread:
    and handed to ``start_response``; the body streams down chunk by chunk as
    DATA frames arrive, so server-sent events work.
 
-Failures: 503 (+ ``Retry-After``) when no worker is attached or selectable;
+Failures: 503 (+ ``Retry-After``) when no worker is attached or selectable
+(after waiting up to ``attach_wait`` for one to attach, when that is set);
 502 when the tunnel dies or the stream is reset before the response headers
-or the response is invalid; 504 on timeout.  Once the headers are out, a
+or the response is invalid (a malformed response -- bad ``:status``, CR/LF in a
+value, a body disagreeing with its content-length... -- is reset by the
+protocol core with PROTOCOL_ERROR, a stream error: the tunnel's other streams
+go on); 504 on timeout.  Once the headers are out, a
 failure can no longer change the status, so the body iterable *raises*: a
 correct WSGI server then closes the connection without a clean end (no
 terminating chunk, or fewer bytes than ``Content-Length``), which the client

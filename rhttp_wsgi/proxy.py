@@ -537,6 +537,11 @@ class Proxy:
     def shutdown(self, timeout: float | None = None) -> bool:
         """Stop both listeners, GOAWAY every worker, let in-flight forwards finish, close.
 
+        Order: stop accepting (tunnels and public), close idle public
+        connections, let the public requests already read finish (workers
+        still attached, so none of them gets 503), then close the registry and
+        GOAWAY every worker, and wait for the tunnels to drain.
+
         ``timeout`` defaults to ``options.shutdown_timeout``.  Idempotent (a
         second call waits for the first).  Returns True when everything
         finished before the deadline.

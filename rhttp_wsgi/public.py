@@ -358,8 +358,9 @@ class _Connection:
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=server.max_head)
         self.idle = True
         self.closed = False
-        #: Set when the request framing can no longer be trusted (a stalled
-        #: body): the response says "Connection: close" and the connection ends.
+        #: Set when the request body's framing can no longer be trusted (a
+        #: stalled or malformed body): the response says "Connection: close"
+        #: and the connection ends after it.
         self.must_close = False
         self.requests = 0
         self._lock = threading.Lock()

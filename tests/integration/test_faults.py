@@ -373,9 +373,10 @@ def test_black_holed_path_detected_by_ping_on_both_sides(env: Env, record_proper
         worker_ms = (worker_lost[0] - holed_at) * 1000
         assert first_tunnel is not None and first_tunnel.close_reason is not None
         assert "PING" in first_tunnel.close_reason, first_tunnel.close_reason
-        # Both sides notice within ping_interval + ping_timeout (+ scheduling slack).
-        assert 400 < proxy_ms < 1300, proxy_ms
-        assert 400 < worker_ms < 1300, worker_ms
+        # Both sides notice within ping_interval + ping_timeout (1 s; measured ~1000 ms),
+        # plus scheduling slack for a loaded CI machine.
+        assert 400 < proxy_ms < 1500, proxy_ms
+        assert 400 < worker_ms < 1500, worker_ms
 
         relay.resume()
         resumed_at = time.monotonic()

@@ -142,6 +142,17 @@ def traced_peak(fn: Callable[[], None]) -> int:
     return peak - base
 
 
+def settle(p: H2Peer) -> None:
+    """Everything sent so far was processed *and dispatched* to the app pool.
+
+    One barrier proves the frames were processed; the worker dispatches new
+    streams after releasing its lock, which may be after the PING ACK left.
+    It reads again only after dispatching, so a second PING's ACK proves it.
+    """
+    p.barrier()
+    p.barrier()
+
+
 def assert_serves_on(h: Any, sid: int) -> None:
     r = get(h, sid, "/still-serving")
     assert (r.status, r.reset) == (200, None), h.peer.dump()
@@ -348,7 +359,7 @@ def test_4_rapid_reset_in_one_read_never_reaches_the_app(make_worker: Any) -> No
     p = h.peer
     # 100 HEADERS + RST_STREAM pairs in one write: one read on the worker side
     p.send_raw(b"".join(headers_frame(p, sid) + rst_frame(sid) for sid in range(1, 201, 2)))
-    p.barrier()
+    settle(p)
     assert h.dispatched == 0 and app.calls == [], "a stream reset in the same read must not be dispatched"
     assert h.tunnel.streams_total == 100
     assert_serves_on(h, 201)
@@ -365,7 +376,7 @@ def test_4_reset_rate_limit_is_a_token_bucket(make_worker: Any) -> None:
         p.send_raw(b"".join(headers_frame(p, sid) + rst_frame(sid) for sid in [next(sids) for _ in range(n)]))
 
     pairs(20)  # the whole burst
-    p.barrier()
+    settle(p)
     assert not p.find(is_goaway)
     clock.advance(5.0)  # half a window refills half the bucket
     pairs(10)
@@ -402,7 +413,7 @@ def test_4_rapid_reset_with_a_stuck_app_keeps_threads_and_queue_bounded(make_wor
                     assert started_cond.wait_for(lambda i=i: len(started) > i, DEFAULT_TIMEOUT)
             p.send_rst(sid)  # ... and only then reset
             p.barrier()  # (the lingering count is refreshed per read: keep reads apart)
-        p.barrier()
+        settle(p)
         # Each reset stream frees its h2 slot but not its (stuck or queued) app call:
         # at MAX_CONCURRENT_STREAMS such calls new streams are refused, so neither
         # the thread pool nor its queue grows with the peer's resets.
@@ -509,7 +520,7 @@ def test_6_a_thousand_streams_at_once_are_refused_without_a_hidden_queue(make_wo
     p = h.peer
     try:
         p.send_raw(b"".join(headers_frame(p, 1 + 2 * i) for i in range(1000)))
-        p.barrier()
+        settle(p)
         assert sorted(f.stream_id for f in refused(p)) == list(range(21, 2001, 2))
         assert h.dispatched == 10
         assert h.pool.size <= 4
@@ -761,7 +772,7 @@ def test_10_streamed_body_growing_past_max_body_size_gets_413(make_worker: Any, 
         h.wait_served(1)
         assert seen, "the app's read must fail"
     else:
-        p.barrier()
+        settle(p)
         assert h.dispatched == 0 and not started.is_set()
     assert_serves_on(h, 3)
 
