@@ -210,6 +210,11 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     options.check_files()
     app = load_app(args.app)
     pool = WorkerPool(options=dataclasses.replace(options, app=app))
+    if options.metrics_bind:
+        from .metrics import WorkerMetrics
+
+        mh, mp = WorkerMetrics(pool).start_server(options.metrics_bind)
+        log.info("metrics on http://%s:%d/metrics", mh, mp)
     log.info("rhttp-wsgi %s worker: serving %s through %d tunnel(s) to %s", __version__, args.app,
              options.connections, options.proxy)
     return 0 if pool.serve_forever() else 1
@@ -236,6 +241,11 @@ def _cmd_proxy(args: argparse.Namespace) -> int:
     options = ProxyOptions(**_collect(ProxyOptions, args))
     options.check_files()
     proxy = Proxy(options)
+    if options.metrics_bind:
+        from .metrics import ProxyMetrics
+
+        mh, mp = ProxyMetrics(proxy).start_server(options.metrics_bind)
+        log.info("metrics on http://%s:%d/metrics", mh, mp)
     th, tp = proxy.start_tunnels()
     ph, pp = proxy.start_public()
     log.info("rhttp-wsgi %s proxy: tunnels on %s:%d, public HTTP on %s:%d", __version__, th, tp, ph, pp)

@@ -256,6 +256,9 @@ class WorkerOptions:
         " (:scheme), or a fixed 'http' / 'https'.",
         choices=URL_SCHEME_POLICIES,
     )
+    metrics_bind: str | None = _opt(
+        None, "Serve Prometheus /metrics on HOST:PORT (needs the 'prometheus' extra).", metavar="HOST:PORT"
+    )
     app: Callable[..., Any] | None = field(default=None, metadata={"cli": False})
 
     def __post_init__(self) -> None:
@@ -267,6 +270,8 @@ class WorkerOptions:
                 "cert", "a client certificate and key are required: the proxy authenticates workers by mTLS"
             )
         _validate_common(self)
+        if self.metrics_bind is not None:
+            parse_address(self.metrics_bind, option="metrics_bind")
         if self.app is not None and not callable(self.app):
             raise ConfigError("app", f"the WSGI app must be callable, got {type(self.app).__name__}")
         if self.reconnect_max < self.reconnect_min:
@@ -393,6 +398,10 @@ class ProxyOptions:
         1000, "Turnkey server: most concurrent public connections (one thread each; 0 = unlimited).", minimum=0
     )
 
+    metrics_bind: str | None = _opt(
+        None, "Serve Prometheus /metrics on HOST:PORT (needs the 'prometheus' extra).", metavar="HOST:PORT"
+    )
+
     def __post_init__(self) -> None:
         if self.cert is None or self.key is None:
             raise ConfigError("cert", "the proxy's server certificate and key are required")
@@ -405,6 +414,8 @@ class ProxyOptions:
         if (self.public_cert is None) != (self.public_key is None):
             raise ConfigError("public_cert", "public_cert and public_key go together")
         _validate_common(self)
+        if self.metrics_bind is not None:
+            parse_address(self.metrics_bind, option="metrics_bind")
 
     def check_files(self) -> None:
         for name in ("cert", "key", "workers_ca", "public_cert", "public_key"):

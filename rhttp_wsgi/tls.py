@@ -223,6 +223,10 @@ class TLSSession:
 
     def _handshake_reason(self, e: SSL.Error) -> str:
         reason = _ssl_reason(e)
+        if not self.server_side and "bad extension" in reason:
+            # What OpenSSL says when the server selects an ALPN protocol we
+            # did not offer (we offer only h2): say so, it is the usual cause.
+            reason += " (did the proxy select an ALPN protocol other than h2?)"
         extra = self._app.get("verify_error")
         if extra:
             reason = f"{reason} ({extra})"
