@@ -10,8 +10,9 @@ Two modes:
     (``TunnelProtocol("client")``, i.e. what our proxy runs).  Only the worker's
     steps are timed, with the thread's CPU clock (``thread_time_ns``: time other
     processes take from this core is not counted, which keeps the figure stable
-    on a busy machine), so the peer's h2 cost is excluded.  ``--tls`` adds a memory-BIO TLS session on both sides (the worker
-    decrypts its input and encrypts its output inside the timed steps).
+    on a busy machine), so the peer's h2 cost is excluded.  ``--tls`` adds a
+    memory-BIO TLS session on both sides (the worker decrypts its input and
+    encrypts its output inside the timed steps).
     This is the number to track for regressions of the hot path.  With no
     writer thread, a response is buffered whole (the backpressure watermark is
     lifted for the run), so large ``--path /download?n=...`` bodies work too.
@@ -59,10 +60,11 @@ if str(ROOT) not in sys.path:
 import h2.events  # noqa: E402
 
 from benchmarks import apps  # noqa: E402
-from rhttp_wsgi._protocol import ProtocolSettings, TunnelProtocol  # noqa: E402
 from rhttp_wsgi import _tunnel  # noqa: E402
+from rhttp_wsgi._protocol import ProtocolSettings, TunnelProtocol  # noqa: E402
 from rhttp_wsgi._tunnel import WRITE_BATCH, Channel, Tunnel  # noqa: E402
 from rhttp_wsgi.wsgi import WSGIContext, run_wsgi  # noqa: E402
+
 
 #: Request headers as HAProxy sends them for an HTTP/1.1 client (host, no :authority).
 def request_headers(path: str) -> list[tuple[bytes, bytes]]:

@@ -111,8 +111,10 @@ def thread_count(pid: int) -> int:
 class Proc:
     """One server subprocess pinned to a CPU; output in a log file; stopped by PID."""
 
-    def __init__(self, name: str, argv: list[str], cpu: str, logdir: Path, env: dict[str, str] | None = None):
+    def __init__(self, name: str, argv: list[str], cpu: str, logdir: Path, env: dict[str, str] | None = None,
+                 root: Path = ROOT):
         self.name = name
+        self.root = root  # the source tree it runs (cwd and PYTHONPATH)
         self.argv = argv
         self.cpu = cpu
         self.log_path = logdir / f"{name}.log"
@@ -121,10 +123,10 @@ class Proc:
 
     def start(self) -> Proc:
         env = dict(os.environ)
-        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        env["PYTHONPATH"] = str(self.root) + os.pathsep + env.get("PYTHONPATH", "")
         env.update(self.env or {})
         with open(self.log_path, "ab") as logf:
-            self.proc = subprocess.Popen(["taskset", "-c", self.cpu, *self.argv], cwd=ROOT, env=env,
+            self.proc = subprocess.Popen(["taskset", "-c", self.cpu, *self.argv], cwd=self.root, env=env,
                                          stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
                                          preexec_fn=_pdeathsig)
         return self
@@ -243,13 +245,13 @@ class Lab:
         return self.dir / "logs"
 
     def worker(self, name: str, tunnel_port: int, *, threads: int, mcs: int, connections: int = 1,
-               profile: Path | None = None) -> Proc:
+               profile: Path | None = None, root: Path = ROOT) -> Proc:
         return Proc(name, [*_cli(profile, name), "--log-level", "warning", "worker", "benchmarks.apps:app",
                            "--proxy", f"127.0.0.1:{tunnel_port}", "--server-name", "localhost",
                            "--cert", str(self.worker_cert), "--key", str(self.worker_key),
                            "--ca", str(self.pki.ca_cert), "--threads", str(threads),
                            "--max-concurrent-streams", str(mcs), "--connections", str(connections)],
-                    CPU_APP, self.logs)
+                    CPU_APP, self.logs, root=root)
 
     def start_gunicorn(self, tag: str, threads: int) -> System:
         (port,) = free_ports(1)
@@ -262,31 +264,39 @@ class Lab:
         return s
 
     def start_proxy(self, tag: str, threads: int, mcs: int, connections: int = 1,
-                    profile: Path | None = None, profile_front: Path | None = None) -> System:
+                    profile: Path | None = None, profile_front: Path | None = None,
+                    tree: tuple[str, Path] | None = None) -> System:
+        root = tree[1] if tree else ROOT
+        suffix = f"[{tree[0]}]" if tree else ""
         tport, pport = free_ports(2)
         p = Proc(f"proxy{tag}", [*_cli(profile_front, "proxy"), "--log-level", "warning", "proxy",
                                  "--tunnel-bind", f"127.0.0.1:{tport}", "--public-bind", f"127.0.0.1:{pport}",
                                  "--cert", str(self.pki.server_cert), "--key", str(self.pki.server_key),
                                  "--workers-ca", str(self.pki.ca_cert), "--max-connections", "4000",
-                                 "--max-concurrent-streams", str(mcs)], CPU_FRONT, self.logs).start()
+                                 "--max-concurrent-streams", str(mcs)], CPU_FRONT, self.logs, root=root).start()
         _wait_port(tport, [p])
-        w = self.worker(f"worker-proxy{tag}", tport, threads=threads, mcs=mcs, connections=connections,
-                        profile=profile).start()
-        s = System("proxy", f"http://127.0.0.1:{pport}", [p, w], w, p, label="our proxy -> worker")
+        w = self.worker(f"worker-proxy{tag}{suffix}", tport, threads=threads, mcs=mcs, connections=connections,
+                        profile=profile, root=root).start()
+        s = System("proxy" + suffix, f"http://127.0.0.1:{pport}", [p, w], w, p, label="our proxy -> worker")
         wait_ready(s.base + "/", [p, w])
         return s
 
-    def start_haproxy(self, tag: str, threads: int, mcs: int, profile: Path | None = None) -> System | None:
+    def start_haproxy(self, tag: str, threads: int, mcs: int, profile: Path | None = None,
+                      tree: tuple[str, Path] | None = None) -> System | None:
         if not self.haproxy_bin:
             return None
+        root = tree[1] if tree else ROOT
+        suffix = f"[{tree[0]}]" if tree else ""
         tport, pport = free_ports(2)
         cfg = self.dir / f"haproxy{tag}.cfg"
         cfg.write_text(HAPROXY_CFG.format(tport=tport, pport=pport, pem=self.server_pem, ca=self.pki.ca_cert,
                                           mcs=mcs))
         h = Proc(f"haproxy{tag}", [self.haproxy_bin, "-db", "-f", str(cfg)], CPU_FRONT, self.logs).start()
         _wait_port(tport, [h])
-        w = self.worker(f"worker-haproxy{tag}", tport, threads=threads, mcs=mcs, profile=profile).start()
-        s = System("haproxy", f"http://127.0.0.1:{pport}", [h, w], w, h, h2c=True, label="HAProxy -> worker")
+        w = self.worker(f"worker-haproxy{tag}{suffix}", tport, threads=threads, mcs=mcs, profile=profile,
+                        root=root).start()
+        s = System("haproxy" + suffix, f"http://127.0.0.1:{pport}", [h, w], w, h, h2c=not tree,
+                   label="HAProxy -> worker")
         wait_ready(s.base + "/", [h, w])
         return s
 
@@ -606,10 +616,10 @@ def summarize(samples: list[Sample]) -> dict[tuple[str, str], dict[str, Any]]:
 
 def fmt_table(headers: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |",
+    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)) + " |",
              "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     for r in rows:
-        lines.append("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")
+        lines.append("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |")
     return "\n".join(lines)
 
 
@@ -619,7 +629,9 @@ def _ratio(v: float, base: float) -> str:
 
 def report(samples: list[Sample], loads: list[Load], extra: dict[str, Any], meta: dict[str, Any]) -> str:
     summ = summarize(samples)
-    order = ["gunicorn", "proxy", "haproxy", "haproxy-h2c"]
+    names = {s.system for s in samples}
+    order = ["gunicorn", "proxy", *sorted(n for n in names if n.startswith("proxy[")), "haproxy",
+             *sorted(n for n in names if n.startswith("haproxy[")), "haproxy-h2c"]
     parts = [f"rhttp-wsgi benchmark — {meta['when']} — {meta['mode']} run, median of {meta['reps']}"
              f" (spread = ±half the max-min range, % of median)",
              f"CPU placement: app server (gunicorn worker / rhttp worker) on CPU {CPU_APP}; "
@@ -921,6 +933,9 @@ def profile_experiment(lab: Lab, args: argparse.Namespace, tmp: Path, extra: dic
 # ---------------------------------------------------------------------------
 
 
+SECTIONS = ("hello", "bodies", "sse", "memory", "flat", "micro", "profile")
+
+
 def find_haproxy(explicit: str | None) -> str | None:
     for cand in (explicit, os.environ.get("HAPROXY_BIN"), shutil.which("haproxy"), HAPROXY_DEFAULT):
         if cand and os.path.isfile(cand) and os.access(cand, os.X_OK):
@@ -963,13 +978,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--haproxy", default=None, help=f"HAProxy binary (default: HAPROXY_BIN, PATH, {HAPROXY_DEFAULT})")
     p.add_argument("--json", default=None, help="also write every sample and the summary to this file")
     p.add_argument("--keep", action="store_true", help="keep the scratch directory (logs, configs)")
+    p.add_argument("--tree", action="append", default=[], metavar="NAME=DIR",
+                   help="also run proxy+worker and HAProxy+worker from another source tree (a copy of the repo,"
+                        " e.g. before an optimisation) in the hello and bodies sections, as 'proxy[NAME]'")
     args = p.parse_args(argv)
+    trees = []
+    for spec in args.tree:
+        name, sep, path = spec.partition("=")
+        if not sep or not (Path(path) / "rhttp_wsgi").is_dir() or not (Path(path) / "benchmarks").is_dir():
+            p.error(f"--tree {spec!r}: expected NAME=DIR with DIR/rhttp_wsgi and DIR/benchmarks")
+        trees.append((name, Path(path).resolve()))
     for tool in ("h2load", "taskset"):
         if shutil.which(tool) is None:
             p.error(f"{tool} not found (apt-get install -y nghttp2-client util-linux)")
     if len(os.sched_getaffinity(0)) < 2:
         log("warning: fewer than 2 CPUs available; placement is meaningless")
-    sections = set(filter(None, args.only.split(","))) or {"hello", "bodies", "sse", "memory", "flat", "micro", "profile"}
+    sections = set(filter(None, args.only.split(","))) or set(SECTIONS)
     if args.quick and not args.only:
         sections = {"hello", "bodies", "sse", "micro"}
     haproxy = None if args.no_haproxy else find_haproxy(args.haproxy)
@@ -999,6 +1023,11 @@ def main(argv: list[str] | None = None) -> int:
                 hp = lab.start_haproxy("", args.threads, 100)
                 if hp is not None:
                     systems.append(hp)
+                for tree in trees:  # the same systems from other source trees (before/after)
+                    systems.append(lab.start_proxy("", args.threads, 100, tree=tree))
+                    hp = lab.start_haproxy("", args.threads, 100, tree=tree)
+                    if hp is not None:
+                        systems.append(hp)
                 if "hello" in sections:
                     hl = hello_loads(args.quick)
                     loads += hl

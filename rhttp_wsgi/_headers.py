@@ -21,7 +21,8 @@ HOP_BY_HOP = CONNECTION_SPECIFIC | frozenset(
     {"te", "trailer", "proxy-authenticate", "proxy-authorization"}
 )
 
-_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+# \Z, not $: "$" also matches before a trailing newline, which let "x-foo\n" pass as a token.
+_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _BAD_VALUE = re.compile(r"[\x00\r\n]")
 
 

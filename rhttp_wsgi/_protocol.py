@@ -52,8 +52,10 @@ Abuse limits ("hard to break", issue 6), all cheap on the hot path:
 * worker role: a request above ``max_header_count`` fields or
   ``max_header_list_size`` bytes is answered 431 without reaching the app (a
   *stream* error: HPACK stayed in sync); HPACK only aborts (connection error,
-  ENHANCE_YOUR_CALM: its state is then unusable) at twice the limit, so an
-  HPACK bomb never expands past that;
+  ENHANCE_YOUR_CALM: its state is then unusable) at four times the limit, so
+  an HPACK bomb never expands past that, while a merely large request (say
+  5,000 one-letter fields from an HTTP/1.1 client, ~170 KB in RFC accounting)
+  still costs only its own stream;
 * worker role: stream resets -- RST_STREAM from the peer, and the resets the
   peer's own frames force on us (malformed request, DATA after END_STREAM,
   window overflow, zero WINDOW_UPDATE, streams beyond MAX_CONCURRENT_STREAMS:
@@ -61,7 +63,11 @@ Abuse limits ("hard to break", issue 6), all cheap on the hot path:
   bucket of ``max_resets`` per ``reset_window`` seconds; beyond it GOAWAY
   (ENHANCE_YOUR_CALM);
 * a WINDOW_UPDATE of 0 on a stream is a stream error (RFC 9113 §6.9), not the
-  connection error h2 makes of it;
+  connection error h2 makes of it; a SETTINGS ACK with a payload is
+  FRAME_SIZE_ERROR (§6.5), not PROTOCOL_ERROR;
+* worker role: app calls still running for streams that already ended
+  (``lingering_handlers``, kept by the tunnel) hold the stream budget: at
+  MAX_CONCURRENT_STREAMS of them new streams get REFUSED_STREAM;
 * more than ``max_output_backlog`` bytes queued for a peer that does not read
   (its PINGs, SETTINGS and RST-eliciting frames keep adding replies) closes the
   tunnel with ENHANCE_YOUR_CALM instead of growing memory.
@@ -87,7 +93,7 @@ from hyperframe.frame import PriorityFrame, RstStreamFrame, WindowUpdateFrame
 
 from .errors import ProtocolViolation
 
-__all__ = ["PREFACE", "TunnelProtocol", "ProtocolSettings", "StreamRefused", "RequestRejected", "TunnelDead"]
+__all__ = ["PREFACE", "ProtocolSettings", "RequestRejected", "StreamRefused", "TunnelDead", "TunnelProtocol"]
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _SETTINGS_FRAME_TYPE = 0x4
@@ -164,7 +170,7 @@ class RequestRejected(h2.events.Event):
 class _TokenBucket:
     """``capacity`` events at once, refilled at ``capacity / window`` per second (time is fed in)."""
 
-    __slots__ = ("capacity", "window", "rate", "tokens", "stamp")
+    __slots__ = ("capacity", "rate", "stamp", "tokens", "window")
 
     def __init__(self, capacity: int, window: float) -> None:
         self.capacity = float(capacity)
@@ -209,7 +215,7 @@ class _FrameBuffer(h2.frame_buffer.FrameBuffer):
 
     def __next__(self) -> Any:
         try:
-            return super().__next__()
+            return _h2_frame_buffer_next(self)
         except h2.exceptions.ProtocolError as e:
             data = self._data
             if not isinstance(e.__cause__, hyperframe.exceptions.InvalidDataError) or len(data) < 9:
@@ -227,6 +233,11 @@ class _FrameBuffer(h2.frame_buffer.FrameBuffer):
 
 class TunnelDead(ProtocolViolation):
     """The peer did not answer a PING in time."""
+
+
+# Called directly (not through super()) on the per-frame path.
+_h2_frame_buffer_next = h2.frame_buffer.FrameBuffer.__next__
+_h2_receive_frame = h2.connection.H2Connection._receive_frame
 
 
 class _H2Connection(h2.connection.H2Connection):
@@ -250,6 +261,9 @@ class _H2Connection(h2.connection.H2Connection):
     #: MAX_CONCURRENT_STREAMS of them new streams are refused, which bounds the
     #: app pool's queue per tunnel whatever the peer resets.
     lingering_handlers = 0
+    #: Streams reset during the current read: the tunnel counts a reset stream
+    #: as lingering only after the read, so the refusal check adds these.
+    resets_this_read = 0
     #: Worker role: token bucket over stream resets (set by TunnelProtocol; None = unlimited).
     reset_bucket: _TokenBucket | None = None
 
@@ -260,20 +274,22 @@ class _H2Connection(h2.connection.H2Connection):
         table[_ZeroWindowUpdate] = self._receive_zero_window_update
 
     def _receive_frame(self, frame: Any) -> list[h2.events.Event]:
-        events: list[h2.events.Event] = super()._receive_frame(frame)
-        bucket = self.reset_bucket
-        if bucket is not None and events:
+        events: list[h2.events.Event] = _h2_receive_frame(self, frame)
+        if events and not self.config.client_side:
             # Every stream reset the peer causes -- its RST_STREAM (Rapid Reset) or
             # one its frames force on us (MadeYouReset: h2's stream errors, ours,
             # refusals past MAX_CONCURRENT_STREAMS) -- is charged here, per frame,
             # so a single read cannot buy more resets than the bucket holds.
+            bucket = self.reset_bucket
             ev: Any
             for ev in events:
                 t = type(ev)
-                if (t is h2.events.StreamReset or (t is StreamRefused and ev.abusive)) \
-                        and not bucket.take(self.now):
-                    raise h2.exceptions.DenialOfServiceError(
-                        f"more than {bucket.capacity:g} stream resets in {bucket.window:g}s")
+                if t is h2.events.StreamReset or (t is StreamRefused and ev.abusive):
+                    if t is h2.events.StreamReset:
+                        self.resets_this_read += 1
+                    if bucket is not None and not bucket.take(self.now):
+                        raise h2.exceptions.DenialOfServiceError(
+                            f"more than {bucket.capacity:g} stream resets in {bucket.window:g}s")
         return events
 
     def _refuse(self, frame: Any, code: ErrorCodes, abusive: bool = False) -> tuple[list[Any], list[h2.events.Event]]:
@@ -297,7 +313,7 @@ class _H2Connection(h2.connection.H2Connection):
             if self.open_inbound_streams >= self.local_settings.max_concurrent_streams:
                 # The peer ignores the limit we advertised: abusive (Rapid Reset's cousin).
                 return self._refuse(frame, ErrorCodes.REFUSED_STREAM, abusive=True)
-            if self.lingering_handlers >= self.local_settings.max_concurrent_streams:
+            if self.lingering_handlers + self.resets_this_read >= self.local_settings.max_concurrent_streams:
                 return self._refuse(frame, ErrorCodes.REFUSED_STREAM)
         # Client (proxy) role: only a response on a stream *we* opened can be a
         # stream error; HEADERS opening a stream the worker may not open (it
@@ -354,7 +370,15 @@ class _H2Connection(h2.connection.H2Connection):
         for ev in events:
             t = type(ev)
             if t is h2.events.RequestReceived or t is h2.events.TrailersReceived:
-                why = self._over_header_limits(ev.headers, len(frame.data))
+                headers = ev.headers
+                n = len(headers)
+                # Cheap bound first, so a typical request does no per-field work: a
+                # field decodes to at most 32 + one dynamic-table entry + 8/5 of its
+                # literal octets (Huffman's shortest code is 5 bits).
+                if n <= self.max_header_count and \
+                        n * (32 + self.decoder.max_allowed_table_size) + 2 * len(frame.data) <= self.max_header_list:
+                    return None
+                why = self._over_header_limits(headers)
                 if why is None:
                     return None
                 stream = self.streams[sid]
@@ -372,7 +396,7 @@ class _H2Connection(h2.connection.H2Connection):
                 return frames, [*rest, RequestRejected(sid, 431, why)]
         return None
 
-    def _over_header_limits(self, headers: list[tuple[bytes, bytes]], block_len: int) -> str | None:
+    def _over_header_limits(self, headers: list[tuple[bytes, bytes]]) -> str | None:
         n = len(headers)
         limit = self.max_header_count
         if n > limit:
@@ -383,14 +407,9 @@ class _H2Connection(h2.connection.H2Connection):
                 pseudo += 1
             if n - pseudo > limit:
                 return f"{n - pseudo} header fields (max_header_count {limit})"
-        size_limit = self.max_header_list
-        # Cheap bound first, so a typical request does no per-field work: a
-        # field decodes to at most 32 + one dynamic-table entry + 8/5 of its
-        # literal octets (Huffman's shortest code is 5 bits).
-        if n * (32 + self.decoder.max_allowed_table_size) + 2 * block_len > size_limit:
-            size = 32 * n + sum(map(len, itertools.chain.from_iterable(headers)))
-            if size > size_limit:
-                return f"a {size}-byte header list (max_header_list_size {size_limit})"
+        size = 32 * n + sum(map(len, itertools.chain.from_iterable(headers)))
+        if size > self.max_header_list:
+            return f"a {size}-byte header list (max_header_list_size {self.max_header_list})"
         return None
 
     def _receive_zero_window_update(self, frame: _ZeroWindowUpdate) -> tuple[list[Any], list[h2.events.Event]]:
@@ -406,7 +425,8 @@ class _H2Connection(h2.connection.H2Connection):
             return [], events
         return self._stream_error(stream, ErrorCodes.PROTOCOL_ERROR, [])
 
-    def _stream_error(self, stream: Any, code: ErrorCodes, frames: list[Any]) -> tuple[list[Any], list[h2.events.Event]]:
+    def _stream_error(self, stream: Any, code: ErrorCodes,
+                      frames: list[Any]) -> tuple[list[Any], list[h2.events.Event]]:
         self.state_machine.process_input(h2.connection.ConnectionInputs.SEND_RST_STREAM)
         frames = [*frames, *stream.reset_stream(code)]
         return frames, [h2.events.StreamReset(stream_id=stream.stream_id, error_code=code, remote_reset=False)]
@@ -505,13 +525,23 @@ class TunnelProtocol:
     def __init__(self, role: Role, settings: ProtocolSettings | None = None) -> None:
         self.role: Role = role
         self.settings = settings or ProtocolSettings()
+        # Outbound header normalization/validation is off in the worker (server)
+        # role, for speed (benchmarks/RESULTS.md): everything the worker sends is
+        # either a constant of ours or built by wsgi._encode_headers, which
+        # already lowercases names, refuses non-token names and CR/LF/NUL in
+        # values, strips surrounding whitespace, drops connection-specific
+        # fields and non-"trailers" TE, puts exactly one :status first, and
+        # never-indexes credentials: h2's pass would be the identity
+        # (tests/unit/test_outbound_headers.py proves it).  Inbound checks are
+        # all kept, and the proxy (client) role keeps every outbound check.
+        outbound_checks = role == "client"
         config = h2.config.H2Configuration(
             client_side=(role == "client"),
             header_encoding=None,
             validate_inbound_headers=True,
             normalize_inbound_headers=True,
-            validate_outbound_headers=True,
-            normalize_outbound_headers=True,
+            validate_outbound_headers=outbound_checks,
+            normalize_outbound_headers=outbound_checks,
         )
         self.h2 = _H2Connection(config=config)
         s = self.settings
@@ -526,9 +556,10 @@ class TunnelProtocol:
         self.h2.local_settings = h2.settings.Settings(client=(role == "client"), initial_values=local)
         # Enforce the header list limit while decoding, not after.  The worker
         # answers a list above the limit with 431 (a stream error, HPACK kept in
-        # sync), so its decoder only gives up -- a connection error -- at twice
-        # the limit: an HPACK bomb still never expands further.
-        self.h2.decoder.max_header_list_size = s.max_header_list_size * (2 if role == "server" else 1)
+        # sync), so its decoder only gives up -- a connection error that ends
+        # every stream of the tunnel -- at four times the limit: an HPACK bomb
+        # never expands further (256 KiB of list by default: a few MB and ms).
+        self.h2.decoder.max_header_list_size = s.max_header_list_size * (4 if role == "server" else 1)
         if role == "server":
             self.h2.max_header_count = s.max_header_count
             self.h2.max_header_list = s.max_header_list_size
@@ -587,6 +618,7 @@ class TunnelProtocol:
             return []
         self._last_recv = now
         self.h2.now = now  # for the flood guard's token bucket
+        self.h2.resets_this_read = 0
         if self._preface_pending:
             take = min(len(self._preface_pending), len(data))
             if data[:take] != self._preface_pending[:take]:

@@ -59,7 +59,7 @@ from ._protocol import RequestRejected, StreamRefused, TunnelProtocol
 from .errors import ProtocolViolation, StreamReset, StreamTimeout, TLSSetupError, TunnelClosed
 from .tls import TLSSession
 
-__all__ = ["Tunnel", "Channel"]
+__all__ = ["Channel", "Tunnel"]
 
 log = logging.getLogger("rhttp_wsgi.tunnel")
 
@@ -67,8 +67,9 @@ RECV_SIZE = 256 * 1024
 #: An app's ``write`` blocks while more than this is queued on its stream.
 HIGH_WATER = 512 * 1024
 LOW_WATER = 128 * 1024
-#: Most plaintext moved into TLS per writer pass (keeps lock holds short).
-WRITE_BATCH = 1 << 20
+#: Most plaintext moved into TLS per writer pass (keeps lock holds short, and
+#: buffers small: 1 MiB passes cost ~30% more CPU per byte, see benchmarks/RESULTS.md).
+WRITE_BATCH = 256 * 1024
 #: After the reader stops, how long the writer may still flush (e.g. GOAWAY)
 #: before the socket is cut under a ``sendall`` blocked on a peer that does not read.
 FLUSH_GRACE = 1.0
@@ -81,10 +82,29 @@ class Channel:
     """
 
     __slots__ = (
-        "tunnel", "stream_id", "headers", "_cond", "_in", "_in_size", "in_ended", "trailers",
-        "_out", "_out_size", "_out_end", "_out_trailers", "out_done", "headers_sent",
-        "error", "cancelled", "response", "informational", "bytes_in", "bytes_out", "_retired",
-        "_stall_at", "_handler",
+        "_cond",
+        "_handler",
+        "_in",
+        "_in_size",
+        "_out",
+        "_out_end",
+        "_out_size",
+        "_out_trailers",
+        "_retired",
+        "_stall_at",
+        "bytes_in",
+        "bytes_out",
+        "cancelled",
+        "error",
+        "headers",
+        "headers_sent",
+        "in_ended",
+        "informational",
+        "out_done",
+        "response",
+        "stream_id",
+        "trailers",
+        "tunnel",
     )
 
     def __init__(self, tunnel: Tunnel, stream_id: int, headers: list[tuple[bytes, bytes]] | None) -> None:
@@ -183,6 +203,26 @@ class Channel:
                 self._out_end = True
                 self.out_done = True
                 t._after_out_done_locked(self)
+            t._kick_locked()
+
+    def respond(self, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        """``send_headers(headers)`` then ``write(body, end=True)``, in one lock hold.
+
+        Performance (benchmarks/RESULTS.md): the writer is woken once for the
+        pair, so HEADERS, DATA and END_STREAM leave in one writer pass (one TLS
+        encrypt, one ``sendall``) instead of the writer possibly waking between
+        the two calls.  Never blocks (``end`` skips the watermark, as in ``write``).
+        """
+        t = self.tunnel
+        with t.lock:
+            self._check_locked()
+            t.proto.h2.send_headers(self.stream_id, headers, end_stream=False)
+            self.headers_sent = True
+            if body:
+                self._out.append(memoryview(body))
+                self._out_size += len(body)
+            self._out_end = True
+            t._ready.add(self)
             t._kick_locked()
 
     def write(self, data: bytes, timeout: float | None = None, end: bool = False) -> None:

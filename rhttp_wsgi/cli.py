@@ -202,9 +202,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2  # pragma: no cover
 
 
+#: glibc mallopt() parameters (malloc.h).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
+def tune_malloc(environ: Any = None) -> bool:
+    """Keep glibc from mmap()ing and trimming the tunnels' transient buffers (CLI processes only).
+
+    Performance (benchmarks/RESULTS.md): each writer pass and TLS read/write
+    allocates and frees buffers of 64 KiB-1 MiB.  With glibc's defaults those
+    land above the mmap/trim thresholds, so every one costs fresh pages and
+    page faults: a 1 MiB download cost the worker ~2.9 ms of CPU, ~1.3 ms with
+    these settings.  Only the CLI's own processes do this (an app embedding
+    WorkerPool keeps its allocator alone); skipped when the operator set any
+    ``MALLOC_*`` variable, off with ``RHTTP_MALLOC_TUNING=0``, and a no-op off
+    glibc.  Returns True when applied.
+    """
+    env = os.environ if environ is None else environ
+    if env.get("RHTTP_MALLOC_TUNING", "1") == "0" or any(k.startswith("MALLOC_") for k in env):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    # Blocks up to 4 MiB come from the heap; up to 16 MiB free at its top is kept.
+    return bool(mallopt(_M_MMAP_THRESHOLD, 4 << 20)) and bool(mallopt(_M_TRIM_THRESHOLD, 16 << 20))
+
+
 def _cmd_worker(args: argparse.Namespace) -> int:
     from .worker import WorkerPool
 
+    tune_malloc()
     kwargs = _collect(WorkerOptions, args)
     options = WorkerOptions(**kwargs)  # validates before importing the app
     options.check_files()
@@ -238,6 +270,7 @@ def _wait_for_signal(duration: float | None) -> None:
 def _cmd_proxy(args: argparse.Namespace) -> int:
     from .proxy import Proxy
 
+    tune_malloc()
     options = ProxyOptions(**_collect(ProxyOptions, args))
     options.check_files()
     proxy = Proxy(options)

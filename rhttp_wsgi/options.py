@@ -167,7 +167,7 @@ class WorkerOptions:
     max_header_list_size: int = _opt(
         65536,
         "Largest request header list accepted (bytes, RFC 9113 accounting); a larger one gets 431 without"
-        " running the app. A header block over 4x this (CONTINUATION flood) or an HPACK expansion over 2x"
+        " running the app. A header block over 4x this (CONTINUATION flood) or an HPACK expansion over 4x"
         " (HPACK bomb) ends the tunnel with ENHANCE_YOUR_CALM.",
         minimum=1024,
         maximum=1 << 24,
@@ -192,6 +192,13 @@ class WorkerOptions:
         " then the app gets StreamTimeout and the proxy 408 (or RST_STREAM(CANCEL) once the response"
         " started). 0 = wait forever.",
         minimum=0.0,
+    )
+    body_min_rate: int = _opt(
+        500,
+        "With body_timeout: the slowest average request-body rate (bytes/s) an app waits for; the"
+        " allowance is body_timeout plus 1 s per body_min_rate bytes received, so a trickle of a byte"
+        " every few seconds still ends in 408 (Apache mod_reqtimeout MinRate=500). 0 = no rate check.",
+        minimum=0,
     )
     send_timeout: float = _opt(
         60.0,
@@ -382,6 +389,13 @@ class ProxyOptions:
         "Turnkey server: most seconds between two reads of a request body (nginx client_body_timeout);"
         " a client that stalls longer gets 408 and the connection is closed.",
         minimum=0.01,
+    )
+    body_min_rate: int = _opt(
+        500,
+        "Turnkey server, with body_timeout: the slowest average request-body rate (bytes/s) accepted; the"
+        " allowance is body_timeout plus 1 s per body_min_rate bytes received, so a trickle of a byte every"
+        " few seconds still ends in 408 (Apache mod_reqtimeout MinRate=500). 0 = no rate check.",
+        minimum=0,
     )
     shutdown_timeout: float = _opt(30.0, "Drain time for in-flight forwards on shutdown (seconds).", minimum=0.0)
     retry_after: int = _opt(

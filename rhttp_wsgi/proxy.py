@@ -501,7 +501,7 @@ class Proxy:
             ctx.set_alpn_protocols(["http/1.1"])
         server = PublicServer(self.wsgi_app, (host, port), ssl_context=ctx, header_timeout=o.header_timeout,
                               idle_timeout=o.idle_timeout, body_timeout=o.body_timeout,
-                              max_head=o.max_request_head,
+                              body_min_rate=o.body_min_rate, max_head=o.max_request_head,
                               max_body=o.max_request_body, max_connections=o.max_connections)
         with self._lock:
             closed = self._closed

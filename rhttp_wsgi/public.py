@@ -20,7 +20,8 @@ for the forwarder's needs:
 * Timeouts: ``header_timeout`` bounds how long a client may take to send a
   request head (slowloris), ``idle_timeout`` how long a kept-alive connection
   may sit between requests and how long a write may stall, ``body_timeout``
-  how long a request body read may stall (then 408, connection closed).
+  how long a request body read may stall and ``body_min_rate`` the slowest
+  average body rate (then 408, connection closed).
 * ``Expect: 100-continue`` is answered when the app first reads
   ``wsgi.input``; malformed requests get h11's suggested status (400, or 431
   for an oversized head); ``max_body`` gives 413.
@@ -250,6 +251,7 @@ class PublicServer:
         header_timeout: float = 15.0,
         idle_timeout: float = 60.0,
         body_timeout: float = 60.0,
+        body_min_rate: int = 500,
         max_head: int = 65536,
         max_body: int = 0,
         max_connections: int = 0,
@@ -260,6 +262,7 @@ class PublicServer:
         self.header_timeout = header_timeout
         self.idle_timeout = idle_timeout
         self.body_timeout = body_timeout
+        self.body_min_rate = body_min_rate
         self.max_head = max_head
         self.max_body = max_body
         self.name = name
@@ -770,6 +773,7 @@ class _Input(io.RawIOBase):
         self._eof = False
         self._seen = 0
         self._length = length
+        self._started: float | None = None
 
     def readable(self) -> bool:
         return True
@@ -785,12 +789,25 @@ class _Input(io.RawIOBase):
             return False
         if h.they_are_waiting_for_100_continue:
             c._send(h11.InformationalResponse(status_code=100, headers=[]))
+        s = c.server
+        timeout = s.body_timeout
+        if s.body_min_rate:
+            # Besides the per-read timeout, a minimum average rate (Apache
+            # mod_reqtimeout's MinRate): the allowance grows with what arrived,
+            # so a trickle -- a byte every few seconds, each read within
+            # body_timeout -- still ends.  Bytes h11 already holds are always
+            # returned (_next_event only times out when it must recv).
+            now = time.monotonic()
+            if self._started is None:
+                self._started = now
+            timeout = min(timeout, self._started + s.body_timeout + self._seen / s.body_min_rate - now)
         try:
-            ev = c._next_event(c.server.body_timeout)
+            ev = c._next_event(timeout)
         except TimeoutError as e:
             c.must_close = True
-            raise RequestBodyError(
-                f"no request body data for {c.server.body_timeout:g}s", 408) from e
+            why = (f"no request body data for {s.body_timeout:g}s" if timeout >= s.body_timeout
+                   else f"request body slower than {s.body_min_rate} bytes/s")
+            raise RequestBodyError(why, 408) from e
         except h11.RemoteProtocolError as e:
             c.must_close = True  # the body's framing is broken: nothing after it can be trusted
             raise RequestBodyError(f"malformed request body: {e}") from e

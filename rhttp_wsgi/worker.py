@@ -273,7 +273,8 @@ class WorkerPool:
             peer = sock.getpeername()
             ctx = WSGIContext(self.app, url_scheme=o.url_scheme, remote_addr=str(peer[0]),
                               remote_port=int(peer[1]), peer_certificate=session.peer_certificate(),
-                              draining=self._draining, server_name=o.proxy_host, body_timeout=o.body_timeout)
+                              draining=self._draining, server_name=o.proxy_host, body_timeout=o.body_timeout,
+                              body_min_rate=o.body_min_rate)
             tunnel = Tunnel(
                 sock, session, TunnelProtocol("server", self._settings),
                 name=name,

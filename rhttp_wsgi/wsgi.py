@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 from typing import IO, Any
 from urllib.parse import unquote_to_bytes
 
 from h2.errors import ErrorCodes
+from hpack import NeverIndexedHeaderTuple
 
 from ._headers import CONNECTION_SPECIFIC, valid_name, valid_value
 from ._tunnel import Channel
 from .errors import RHTTPError, StreamReset, StreamTimeout, TunnelClosed
 
-__all__ = ["WSGIContext", "run_wsgi", "InputStream", "FileWrapper"]
+__all__ = ["FileWrapper", "InputStream", "WSGIContext", "run_wsgi"]
 
 log = logging.getLogger("rhttp_wsgi.wsgi")
 app_log = logging.getLogger("rhttp_wsgi.app")
@@ -41,13 +43,23 @@ class BadRequest(Exception):
 class WSGIContext:
     """What a tunnel's requests share: the app, the policy, the peer."""
 
-    __slots__ = ("app", "url_scheme", "remote_addr", "remote_port", "peer_certificate", "draining",
-                 "server_name", "request_count", "body_timeout")
+    __slots__ = (
+        "app",
+        "body_min_rate",
+        "body_timeout",
+        "draining",
+        "peer_certificate",
+        "remote_addr",
+        "remote_port",
+        "request_count",
+        "server_name",
+        "url_scheme",
+    )
 
     def __init__(self, app: WSGIApp, *, url_scheme: str = "forwarded", remote_addr: str = "",
                  remote_port: int = 0, peer_certificate: Any = None,
                  draining: threading.Event | None = None, server_name: str = "localhost",
-                 body_timeout: float | None = None) -> None:
+                 body_timeout: float | None = None, body_min_rate: int = 0) -> None:
         self.app = app
         self.url_scheme = url_scheme
         self.remote_addr = remote_addr
@@ -59,23 +71,52 @@ class WSGIContext:
         #: Most seconds a ``wsgi.input`` read waits for body bytes (None/0 = forever):
         #: a stalled upload then raises StreamTimeout in the app and gets 408.
         self.body_timeout = body_timeout or None
+        #: With body_timeout: the slowest average body rate (bytes/s, 0 = none).
+        self.body_min_rate = body_min_rate
 
 
 class InputStream:
     """``wsgi.input``: reads pull body bytes from the stream and return flow-control credit."""
 
-    __slots__ = ("_ch", "_buf", "_eof", "timeout")
+    __slots__ = ("_buf", "_ch", "_eof", "_got", "_started", "min_rate", "timeout")
 
-    def __init__(self, channel: Channel, timeout: float | None = None) -> None:
+    def __init__(self, channel: Channel, timeout: float | None = None, min_rate: int = 0) -> None:
         self._ch = channel
         self._buf = b""
         self._eof = False
         self.timeout = timeout
+        self.min_rate = min_rate
+        self._got = 0
+        self._started: float | None = None
+
+    def _pull(self, size: int) -> bytes:
+        """One read from the stream, within the body timeouts (StreamTimeout past them)."""
+        timeout = self.timeout
+        if timeout is None or not self.min_rate:
+            return self._ch.read(size, timeout)
+        # Besides the idle timeout, a minimum average rate (Apache
+        # mod_reqtimeout's MinRate): the waiting allowance grows with what
+        # arrived, so a trickle -- a byte every few seconds, each within the
+        # idle timeout -- still ends.  Only waiting is limited: buffered bytes
+        # are always returned.
+        now = time.monotonic()
+        if self._started is None:
+            self._started = now
+        left = self._started + timeout + self._got / self.min_rate - now
+        try:
+            data = self._ch.read(size, min(timeout, max(left, 0.0)))
+        except StreamTimeout:
+            if left >= timeout:
+                raise
+            raise StreamTimeout(f"stream {self._ch.stream_id}: request body slower than"
+                                f" {self.min_rate} bytes/s") from None
+        self._got += len(data)
+        return data
 
     def _fill(self, hint: int) -> bool:
         if self._eof:
             return False
-        data = self._ch.read(max(hint, 1) if hint > 0 else -1, self.timeout)
+        data = self._pull(max(hint, 1) if hint > 0 else -1)
         if not data:
             self._eof = True
             return False
@@ -87,7 +128,7 @@ class InputStream:
             parts = [self._buf]
             self._buf = b""
             while not self._eof:
-                data = self._ch.read(-1, self.timeout)
+                data = self._pull(-1)
                 if not data:
                     self._eof = True
                     break
@@ -184,7 +225,8 @@ def build_environ(ch: Channel, ctx: WSGIContext) -> dict[str, Any]:
     method = scheme = authority = path = None
     host = None
     cookies: list[str] = []
-    environ: dict[str, Any] = {}
+    # The keys that never change, copied in one go (cheaper than setting them per request).
+    environ: dict[str, Any] = _STATIC_ENVIRON.copy()
     assert ch.headers is not None
     for name_b, value_b in ch.headers:
         if name_b[:1] == b":":
@@ -258,25 +300,17 @@ def build_environ(ch: Channel, ctx: WSGIContext) -> dict[str, Any]:
         hostname, port = ctx.server_name, ("443" if url_scheme == "https" else "80")
     environ.update({
         "REQUEST_METHOD": method,
-        "SCRIPT_NAME": "",
         "PATH_INFO": _latin1(unquote_to_bytes(path_part)),
         "QUERY_STRING": _latin1(query),
         "RAW_URI": raw_uri,
         "REQUEST_URI": raw_uri,
         "SERVER_NAME": hostname,
         "SERVER_PORT": port,
-        "SERVER_PROTOCOL": "HTTP/2",
         "REMOTE_ADDR": ctx.remote_addr,
         "REMOTE_PORT": str(ctx.remote_port),
-        "wsgi.version": (1, 0),
         "wsgi.url_scheme": url_scheme,
-        "wsgi.input": InputStream(ch, ctx.body_timeout),
+        "wsgi.input": InputStream(ch, ctx.body_timeout, ctx.body_min_rate),
         "wsgi.errors": _ErrorStream(),
-        "wsgi.multithread": True,
-        "wsgi.multiprocess": False,
-        "wsgi.run_once": False,
-        "wsgi.input_terminated": True,
-        "wsgi.file_wrapper": FileWrapper,
         "rhttp.stream_id": ch.stream_id,
         "rhttp.cancelled": ch.cancelled,
         "rhttp.draining": ctx.draining,
@@ -284,6 +318,19 @@ def build_environ(ch: Channel, ctx: WSGIContext) -> dict[str, Any]:
         "rhttp.trailers": lambda: _decode_pairs(ch.trailers),
     })
     return environ
+
+
+#: The environ keys whose values are the same for every request (build_environ copies them first).
+_STATIC_ENVIRON: dict[str, Any] = {
+    "SCRIPT_NAME": "",
+    "SERVER_PROTOCOL": "HTTP/2",
+    "wsgi.version": (1, 0),
+    "wsgi.multithread": True,
+    "wsgi.multiprocess": False,
+    "wsgi.run_once": False,
+    "wsgi.input_terminated": True,
+    "wsgi.file_wrapper": FileWrapper,
+}
 
 
 def _decode_pairs(pairs: list[tuple[bytes, bytes]] | None) -> list[tuple[str, str]]:
@@ -335,15 +382,38 @@ def _encode_headers(status: str, headers: list[tuple[str, str]]) -> tuple[int, l
             if not v.isdigit():
                 raise ValueError(f"invalid Content-Length {value!r}")
             content_length = int(v)
-        out.append((lname.encode("ascii"), value.strip(" \t").encode("latin-1")))
+        bname = lname.encode("ascii")
+        # Strip what h2's normalize_outbound_headers strips (bytes.strip(): SP, HTAB,
+        # VT, FF; CR/LF were refused above): the worker's h2 connection runs with
+        # outbound normalization and validation off because this function already
+        # guarantees all of it (tests/unit/test_outbound_headers.py).
+        bvalue = value.strip(_OWS).encode("latin-1")
+        if bname in _NEVER_INDEXED or (bname == b"cookie" and len(bvalue) < 20):
+            # as h2's _secure_headers: keep credentials out of the HPACK table
+            out.append(NeverIndexedHeaderTuple(bname, bvalue))
+        else:
+            out.append((bname, bvalue))
     return code, out, content_length
+
+
+_OWS = " \t\x0b\x0c"
+_NEVER_INDEXED = frozenset({b"authorization", b"proxy-authorization"})
 
 
 class _Response:
     """State of one response: headers chosen, headers sent, bytes counted."""
 
-    __slots__ = ("ch", "method_head", "status", "headers", "code", "content_length", "sent_headers",
-                 "sent_bytes", "no_body")
+    __slots__ = (
+        "ch",
+        "code",
+        "content_length",
+        "headers",
+        "method_head",
+        "no_body",
+        "sent_bytes",
+        "sent_headers",
+        "status",
+    )
 
     def __init__(self, ch: Channel, head: bool) -> None:
         self.ch = ch
@@ -472,9 +542,11 @@ def _run_wsgi(ch: Channel, ctx: WSGIContext) -> None:
             if not chunk:
                 resp.finish()
             else:
-                resp._send_headers(end=False)
+                # Headers + body + END_STREAM under one lock hold: one writer
+                # wake-up per request (benchmarks/RESULTS.md).
+                resp.sent_headers = True
                 resp.sent_bytes = len(chunk)
-                ch.write(bytes(chunk), end=True)
+                ch.respond(resp.headers, bytes(chunk))
         else:
             for chunk in result:
                 if chunk:

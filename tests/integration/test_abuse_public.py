@@ -8,6 +8,7 @@ succeeds on the same attached worker, which never reconnected.
 
 from __future__ import annotations
 
+import select
 import time
 from typing import Any
 
@@ -175,6 +176,30 @@ def test_stalled_body_408_and_close(env: Env, framing: str) -> None:
     assert out.startswith(b"HTTP/1.1 408 "), out[:300]
     assert b"connection: close" in out.lower()
     assert 0.4 < elapsed < 2.0, elapsed
+    assert_tunnel_unaffected(env, pool, worker_id)
+
+
+def test_trickled_body_408_by_min_rate(env: Env) -> None:
+    """A byte every 50 ms never stalls a read for body_timeout, but averages far below body_min_rate."""
+    pool = start(env, body_timeout=0.5, body_min_rate=100)
+    worker_id = env.proxy.workers()[0].id
+    s = env.raw()
+    s.sendall(b"POST /trickle HTTP/1.1\r\n" + H + b"Content-Length: 1000\r\n\r\n")
+    t0 = time.monotonic()
+    sent = 0
+    while time.monotonic() - t0 < 5.0 and not select.select([s], [], [], 0)[0]:
+        try:
+            s.sendall(b"x")
+        except OSError:
+            break
+        sent += 1
+        time.sleep(0.05)
+    out = read_until_close(s)
+    elapsed = time.monotonic() - t0
+    assert out.startswith(b"HTTP/1.1 408 "), out[:300]
+    assert b"slower than 100 bytes/s" in out and b"connection: close" in out.lower()
+    # allowance = 0.5 s + sent / 100 B/s, i.e. about 0.6 s at 20 B/s
+    assert 0.5 < elapsed < 2.0 and sent < 60, (elapsed, sent)
     assert_tunnel_unaffected(env, pool, worker_id)
 
 

@@ -262,3 +262,30 @@ def test_tunnel_port_refuses_a_client_offering_only_tls10_or_11(pki: DemoPKI, ve
     finally:
         server.close()
     assert server.errors and "unsupported protocol" in server.errors[0]
+
+
+# -- the limits reach each tunnel (needs a real handshake, hence here) --------------------------------
+
+
+def test_worker_abuse_limits_reach_each_tunnel(pki: DemoPKI) -> None:
+    proxy = MiniProxy(str(pki.server_cert), str(pki.server_key), str(pki.ca_cert))
+    proxy.start()
+    try:
+        pool = make_pool(pki, proxy.port, max_header_count=7, max_body_size=1234, body_timeout=3.5,
+                         send_timeout=4.5, request_timeout=5.5, max_resets=9, control_frame_rate=11.0,
+                         control_frame_burst=12, max_output_backlog=654321)
+        with pool:
+            assert pool.wait_ready(5)
+            tunnel = pool._slots[0].tunnel
+            assert tunnel is not None
+            s = tunnel.proto.settings
+            assert (s.max_header_count, s.max_resets, s.control_frame_rate, s.control_frame_burst,
+                    s.max_output_backlog) == (7, 9, 11.0, 12, 654321)
+            assert (tunnel._stall_timeout, tunnel._request_timeout, tunnel._max_body) == (4.5, 5.5, 1234)
+            ctx = tunnel._on_stream.keywords["ctx"]  # type: ignore[union-attr]
+            assert (ctx.body_timeout, ctx.body_min_rate) == (3.5, 500)
+            r = proxy.request("GET", "/")
+            assert r.status == 200
+            assert pool.tunnels()[0].lingering == 0
+    finally:
+        proxy.close()

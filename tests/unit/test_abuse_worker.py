@@ -35,13 +35,12 @@ from hyperframe.frame import (
     PushPromiseFrame,
     RstStreamFrame,
     SettingsFrame,
-    WindowUpdateFrame,
 )
 
 from rhttp_wsgi._protocol import PREFACE, ProtocolSettings, TunnelProtocol
 from rhttp_wsgi._tunnel import HIGH_WATER, RECV_SIZE
 from rhttp_wsgi.errors import ProtocolViolation, StreamReset, StreamTimeout
-from tests.unit.peer import DEFAULT_TIMEOUT, S, H2Peer
+from tests.unit.peer import DEFAULT_TIMEOUT, H2Peer, S
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -273,7 +272,7 @@ def test_2_small_hpack_bomb_is_431_and_hpack_stays_in_sync(make_worker: Any) -> 
 
     h = make_worker(app)
     p = h.peer
-    # 20 x 4 KB: above max_header_list_size (64 KiB), below the 2x HPACK abort
+    # 20 x 4 KB: above max_header_list_size (64 KiB), below the 4x HPACK abort
     first, second = bomb_blocks(p.encoder, refs=20)
     p.send_frame(HeadersFrame(1, data=first, flags=["END_HEADERS", "END_STREAM"]))
     assert p.response(1).status == 200
@@ -299,6 +298,19 @@ def test_3_max_header_count(make_worker: Any, n: int, status: int) -> None:
     assert (r.status, r.reset) == (status, None)
     assert app.calls == (["/many"] if status == 200 else [])
     assert_serves_on(h, 3)
+
+
+def test_3_thousands_of_tiny_headers_cost_only_their_stream(make_worker: Any) -> None:
+    """5,000 one-letter fields (a 49 KB HTTP/1.1 head; ~170 KB in RFC 9113 accounting) -> 431, not GOAWAY."""
+    app = Recorder()
+    h = make_worker(app)
+    h.peer.request(1, "POST", "/in-flight", end_stream=False)  # a stream in flight on the same tunnel
+    r = get(h, 3, "/huge", headers=[("a", "1")] * 5000)
+    assert (r.status, r.reset) == (431, None)
+    h.peer.send_data(1, b"body", end_stream=True)
+    assert h.peer.response(1).status == 200  # ... was not cut off
+    assert app.calls == ["/in-flight"]
+    assert_serves_on(h, 5)
 
 
 def test_3_max_header_count_is_configurable(make_worker: Any) -> None:
@@ -412,7 +424,6 @@ def test_4_rapid_reset_with_a_stuck_app_keeps_threads_and_queue_bounded(make_wor
                 with started_cond:
                     assert started_cond.wait_for(lambda i=i: len(started) > i, DEFAULT_TIMEOUT)
             p.send_rst(sid)  # ... and only then reset
-            p.barrier()  # (the lingering count is refreshed per read: keep reads apart)
         settle(p)
         # Each reset stream frees its h2 slot but not its (stuck or queued) app call:
         # at MAX_CONCURRENT_STREAMS such calls new streams are refused, so neither
@@ -685,6 +696,38 @@ def test_9_stalled_request_body_gets_408(make_worker: Any) -> None:
     h.wait_served(1)
     assert got == [b"a", b"b", b"c"]
     assert_serves_on(h, 3)
+
+
+def test_9_a_byte_every_few_seconds_ends_at_the_minimum_rate(make_worker: Any) -> None:
+    got: list[bytes] = []
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        inp = environ["wsgi.input"]
+        while True:
+            chunk = inp.read(1)
+            if not chunk:
+                break
+            got.append(chunk)
+        start_response("200 OK", [])
+        return [b"never"]
+
+    # each byte comes well within the idle timeout, but 5 B/s is below the 10 B/s minimum:
+    # the allowance (0.6 s + 0.1 s per byte) runs out after about six bytes
+    h = make_worker(app, ctx_kw={"body_timeout": 0.6, "body_min_rate": 10})
+    p = h.peer
+    p.request(1, "POST", "/", end_stream=False)
+    t0 = time.monotonic()
+    for _ in range(50):
+        with p.cond:
+            if p._stream_done(1):
+                break
+        p.send_data(1, b"x")
+        time.sleep(0.2)
+    r = p.response(1)
+    assert (r.status, r.ended) == (408, True)
+    assert 3 <= len(got) <= 12, got
+    assert time.monotonic() - t0 < 5
+    h.wait_served(1)
 
 
 def test_9_stalled_body_after_the_response_started_is_reset(make_worker: Any) -> None:
@@ -1087,3 +1130,37 @@ def test_15_request_timeout_with_a_stuck_app_frees_the_slot_and_counts_the_threa
     h.wait_served(2)
     p.wait_until(lambda: h.tunnel.lingering == 0, what="the stuck calls to return")
     assert_serves_on(h, 7)
+
+
+# == options ========================================================================================
+
+
+NEW_LIMITS = {
+    # option: (default, an invalid value)
+    "max_header_count": (100, 0),
+    "max_body_size": (0, -1),
+    "body_timeout": (60.0, -1.0),
+    "body_min_rate": (500, -1),
+    "send_timeout": (60.0, -1.0),
+    "request_timeout": (0.0, -1.0),
+    "max_resets": (500, -1),
+    "control_frame_rate": (100.0, -1.0),
+    "control_frame_burst": (1000, 0),
+    "max_output_backlog": (1 << 20, 1000),
+}
+
+
+@pytest.mark.parametrize("name", list(NEW_LIMITS))
+def test_every_new_limit_is_a_validated_documented_option(name: str) -> None:
+    from rhttp_wsgi.errors import ConfigError
+    from rhttp_wsgi.options import WorkerOptions, option_fields, settings_reference
+
+    base = {"proxy": "127.0.0.1:8443", "cert": "w.crt", "key": "w.key"}
+    default, bad = NEW_LIMITS[name]
+    assert getattr(WorkerOptions(**base), name) == default
+    with pytest.raises(ConfigError) as info:
+        WorkerOptions(**base, **{name: bad})
+    assert info.value.option == name
+    field = {f.name: f for f in option_fields(WorkerOptions)}[name]
+    assert len(field.metadata["help"]) > 40
+    assert f"`{name}`" in settings_reference()

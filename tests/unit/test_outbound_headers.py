@@ -1,0 +1,129 @@
+"""The worker runs h2 with outbound header normalization/validation OFF (a hot-path saving).
+
+That is only sound because ``wsgi._encode_headers`` already guarantees everything h2's
+outbound pass would do or check: these tests prove that h2's pass is the identity on
+every header list ``_encode_headers`` accepts (same names, values, order and
+never-indexed marks), that what it produces is wire-valid (RFC 9113 §8.2), and that only
+the worker (server) role drops the outbound pass while inbound checks stay on.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+from h2.utilities import HeaderValidationFlags, normalize_outbound_headers, validate_outbound_headers
+from hpack import HeaderTuple, NeverIndexedHeaderTuple
+
+from rhttp_wsgi._headers import CONNECTION_SPECIFIC, valid_name
+from rhttp_wsgi._protocol import TunnelProtocol
+from rhttp_wsgi.wsgi import _encode_headers
+
+RESPONSE = HeaderValidationFlags(is_client=False, is_trailer=False, is_response_header=True, is_push_promise=False)
+
+
+def h2_outbound(headers: list[Any]) -> list[Any]:
+    """What h2 4.x does to a response header block when its outbound checks are on."""
+    return list(validate_outbound_headers(normalize_outbound_headers(headers, RESPONSE, False), RESPONSE))
+
+
+def same(a: list[Any], b: list[Any]) -> bool:
+    return len(a) == len(b) and all(
+        tuple(x) == tuple(y) and isinstance(x, NeverIndexedHeaderTuple) == isinstance(y, NeverIndexedHeaderTuple)
+        for x, y in zip(a, b, strict=True))
+
+
+CASES: list[list[tuple[str, str]]] = [
+    [],
+    [("Content-Type", "text/plain"), ("Content-Length", "13")],
+    [("X-Mixed-CASE", "  padded value\t")],
+    [("X-Vt", "\x0bvalue\x0c")],
+    [("Set-Cookie", "a=b; Path=/"), ("Set-Cookie", "c=d")],
+    [("Authorization", "Bearer secret"), ("Proxy-Authorization", "Basic x")],
+    [("Cookie", "short=1"), ("Cookie", "a-much-longer-cookie=value-here")],
+    [("Connection", "close"), ("Keep-Alive", "timeout=5"), ("Transfer-Encoding", "chunked"),
+     ("Upgrade", "h2c"), ("Proxy-Connection", "x"), ("X-Ok", "1")],
+    [("TE", "trailers"), ("te", "gzip"), ("TE", " Trailers ")],
+    [("X-Latin1", "caf\xe9"), ("X-Empty", ""), ("X-Spaces", "   ")],
+    [("Location", "/x?y=1"), ("Cache-Control", "no-cache, no-store")],
+]
+
+
+@pytest.mark.parametrize("headers", CASES)
+@pytest.mark.parametrize("status", ["200 OK", "204 No Content", "404 Not Found", "599 Custom"])
+def test_h2_outbound_pass_is_identity(status: str, headers: list[tuple[str, str]]) -> None:
+    _, out, _ = _encode_headers(status, headers)
+    assert same(h2_outbound(out), out)
+    assert out[0] == (b":status", status[:3].encode())
+
+
+def _random_header(rng: random.Random) -> tuple[str, str]:
+    names = ["X-A", "content-type", "Connection", "te", "TE", "Authorization", "cookie", "Set-Cookie",
+             "x_under", "X-Ünïcode", "bad name", "x:colon", "x-nl\n", "\nx", "", "UPGRADE", "X-Tab\t"]
+    alphabet = "ab c\t\x0b\x0c\r\n\x00\x7f\xe9=;:/\"'"
+    value = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12)))
+    if rng.random() < 0.3:
+        value = rng.choice(["trailers", " trailers ", "gzip", "12", " 7 ", "x" * 30])
+    return rng.choice(names), value
+
+
+def test_random_header_lists_are_refused_or_h2_identity() -> None:
+    rng = random.Random(9113)
+    accepted = refused = 0
+    for _ in range(3000):
+        headers = [_random_header(rng) for _ in range(rng.randint(0, 6))]
+        try:
+            _, out, _ = _encode_headers("200 OK", headers)
+        except (ValueError, TypeError):
+            refused += 1
+            continue
+        accepted += 1
+        assert same(h2_outbound(out), out), headers
+        for name, value in out[1:]:
+            text = name.decode("ascii")
+            assert valid_name(text) and text == text.lower(), name
+            assert text not in CONNECTION_SPECIFIC
+            assert not any(c in value for c in b"\r\n\x00"), value
+            assert value == value.strip(), value  # no leading/trailing whitespace (§8.2.1)
+            if text == "te":
+                assert value.lower() == b"trailers"
+    assert accepted > 300 and refused > 300  # both paths really exercised
+
+
+@pytest.mark.parametrize("name", ["x-foo\n", "x-foo\r", "x foo", "x:foo", "", "x-é"])
+def test_non_token_names_are_refused(name: str) -> None:
+    assert not valid_name(name)
+    with pytest.raises(ValueError):
+        _encode_headers("200 OK", [(name, "v")])
+
+
+def test_credentials_are_never_indexed() -> None:
+    _, out, _ = _encode_headers("200 OK", [("Authorization", "x"), ("X-Other", "y")])
+    assert isinstance(out[1], NeverIndexedHeaderTuple)
+    assert not isinstance(out[2], HeaderTuple)
+
+
+def test_only_the_worker_role_skips_h2_outbound_checks() -> None:
+    worker = TunnelProtocol("server").h2.config
+    proxy = TunnelProtocol("client").h2.config
+    assert not worker.validate_outbound_headers and not worker.normalize_outbound_headers
+    assert proxy.validate_outbound_headers and proxy.normalize_outbound_headers
+    for cfg in (worker, proxy):  # inbound: everything RFC 9113 requires stays on
+        assert cfg.validate_inbound_headers and cfg.normalize_inbound_headers
+
+
+def test_tricky_app_headers_on_the_wire(make_worker: Any) -> None:
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response("200 OK", [("X-Mixed-CASE", "  v \t"), ("Connection", "close"), ("TE", "gzip"),
+                                  ("Authorization", "secret"), ("Content-Length", "2")])
+        return [b"ok"]
+
+    h = make_worker(app)
+    h.peer.request(1, "GET", "/")
+    r = h.peer.response(1)
+    assert r.status == 200 and r.body == b"ok"
+    assert ("x-mixed-case", "v") in r.headers
+    assert ("authorization", "secret") in r.headers
+    assert not {"connection", "te"} & set(r.header_names())
+    assert all(n == n.lower() for n in r.header_names())
