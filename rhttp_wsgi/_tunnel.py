@@ -73,6 +73,8 @@ WRITE_BATCH = 256 * 1024
 #: After the reader stops, how long the writer may still flush (e.g. GOAWAY)
 #: before the socket is cut under a ``sendall`` blocked on a peer that does not read.
 FLUSH_GRACE = 1.0
+#: Longest wait for the PING ACK between the two GOAWAYs of a graceful drain.
+DRAIN_ANNOUNCE_MAX = 1.0
 
 
 class Channel:
@@ -428,6 +430,8 @@ class Tunnel:
         self._dirty = False
         self._closing = False
         self._draining = False
+        self._drain_phase = 0  # 1: GOAWAY(2^31-1) + PING sent; 2: final GOAWAY sent
+        self._drain_deadline = 0.0
         self.close_reason: str | None = None
         self.closed = threading.Event()
         self.ready = threading.Event()
@@ -513,6 +517,8 @@ class Tunnel:
                         new = [ch for ch in new if ch.error is None]
                         for ch in new:
                             ch._handler = True
+                if self._drain_phase == 1 and proto.drain_acked:
+                    self._finish_drain_locked()
                 if proto.has_output():
                     self._kick_locked()
                 if tls is not None and tls.closed:
@@ -555,6 +561,11 @@ class Tunnel:
                             next_t = min(next_t, self._settings_deadline)
                         if self._deadlines or self._blocked:
                             next_t = min(next_t, self._stream_timers_locked(now))
+                        if self._drain_phase == 1:
+                            if proto.drain_acked or now >= self._drain_deadline:
+                                self._finish_drain_locked()
+                            else:
+                                next_t = min(next_t, self._drain_deadline)
                     except ProtocolViolation as e:
                         log.warning("%s: %s; dropping the tunnel", self.name, e)
                         if e.error_code != ErrorCodes.NO_ERROR:
@@ -878,15 +889,32 @@ class Tunnel:
             return ch
 
     def drain(self) -> None:
-        """Graceful close: GOAWAY now, close once every in-flight stream is done."""
+        """Graceful close: GOAWAY now, close once every in-flight stream is done.
+
+        Server role (worker): two-phase GOAWAY (RFC 9113 §6.8).  The first,
+        with last-stream-id 2^31-1 and a PING, tells the proxy to stop opening
+        streams while still serving those already on the wire; the real
+        last-stream-id follows the PING ACK (or ``DRAIN_ANNOUNCE_MAX``), so a
+        request racing the shutdown is served instead of refused.
+        """
         with self.lock:
-            if self._closing:
+            if self._closing or self._drain_phase:
                 return
-            self._draining = True
-            self.proto.goaway(ErrorCodes.NO_ERROR)
-            self._kick_locked()
-            if not self._channels:
-                self._close_locked("drained")
+            if self.proto.role == "server" and not self.proto.goaway_sent:
+                self._drain_phase = 1
+                self._drain_deadline = self._clock() + DRAIN_ANNOUNCE_MAX
+                self.proto.goaway_announce()
+                self._kick_locked()
+                return
+            self._finish_drain_locked()
+
+    def _finish_drain_locked(self) -> None:
+        self._drain_phase = 2
+        self._draining = True
+        self.proto.goaway(ErrorCodes.NO_ERROR)
+        self._kick_locked()
+        if not self._channels:
+            self._close_locked("drained")
 
     def close(self, reason: str = "closed", code: ErrorCodes | None = None) -> None:
         """Close now: in-flight streams fail with :class:`TunnelClosed`."""
@@ -914,7 +942,7 @@ class Tunnel:
 
     @property
     def accepting(self) -> bool:
-        return self.ready.is_set() and not self._closing and not self._draining
+        return self.ready.is_set() and not self._closing and not self._draining and not self._drain_phase
 
     @property
     def closing(self) -> bool:

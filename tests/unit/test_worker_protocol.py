@@ -964,11 +964,13 @@ def test_drain_sends_goaway_no_error_and_waits_for_in_flight(make_worker: Any) -
     p.request(1)
     p.barrier()
     h.tunnel.drain()
-    goaway = p.wait_goaway()
-    assert goaway.error_code == ErrorCodes.NO_ERROR
-    assert goaway.last_stream_id == 1
+    announce = p.wait_goaway()
+    assert (announce.error_code, announce.last_stream_id) == (ErrorCodes.NO_ERROR, 2**31 - 1)
+    final = p.wait_for(lambda f: isinstance(f, GoAwayFrame) and f.last_stream_id != 2**31 - 1,
+                       DEFAULT_TIMEOUT, what="final GOAWAY")
+    assert (final.error_code, final.last_stream_id) == (ErrorCodes.NO_ERROR, 1)
     assert not h.tunnel.closing  # stream 1 is still in flight
-    # a new stream after GOAWAY is refused, not served
+    # a new stream after the final GOAWAY is refused, not served
     p.request(3)
     assert p.wait_rst(3).error_code == ErrorCodes.REFUSED_STREAM
     release.set()
@@ -979,10 +981,30 @@ def test_drain_sends_goaway_no_error_and_waits_for_in_flight(make_worker: Any) -
     assert h.dispatched == 1
 
 
+def test_drain_serves_streams_racing_the_first_goaway(make_worker: Any) -> None:
+    """RFC 9113 §6.8: streams the proxy opened before it saw GOAWAY are served, not refused."""
+    h = make_worker(echo_app, auto_ack_ping=False)
+    p = h.peer
+    h.tunnel.drain()
+    announce = p.wait_goaway()
+    assert announce.last_stream_id == 2**31 - 1
+    ping = p.wait_for(lambda f: isinstance(f, PingFrame) and "ACK" not in f.flags, DEFAULT_TIMEOUT,
+                      what="drain PING")
+    p.request(1)  # in flight when the proxy saw the GOAWAY
+    assert p.response(1).status == 200
+    p.send_frame(PingFrame(0, opaque_data=ping.opaque_data, flags=["ACK"]))
+    final = p.wait_for(lambda f: isinstance(f, GoAwayFrame) and f.last_stream_id != 2**31 - 1,
+                       DEFAULT_TIMEOUT, what="final GOAWAY")
+    assert final.last_stream_id == 1
+    h.wait_closed()
+    p.wait_closed()
+
+
 def test_drain_when_idle_closes_at_once(make_worker: Any) -> None:
     h = make_worker(echo_app)
     h.tunnel.drain()
-    goaway = h.peer.wait_goaway()
-    assert (goaway.error_code, goaway.last_stream_id) == (ErrorCodes.NO_ERROR, 0)
+    final = h.peer.wait_for(lambda f: isinstance(f, GoAwayFrame) and f.last_stream_id != 2**31 - 1,
+                            DEFAULT_TIMEOUT, what="final GOAWAY")
+    assert (final.error_code, final.last_stream_id) == (ErrorCodes.NO_ERROR, 0)
     h.wait_closed()
     h.peer.wait_closed()
