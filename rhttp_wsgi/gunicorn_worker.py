@@ -303,6 +303,7 @@ class RHTTPWorker(Worker):  # type: ignore[misc]  # gunicorn ships no type infor
                 budget = min(budget, options.shutdown_timeout)
             self.options = dataclasses.replace(options, shutdown_timeout=budget)
             self.pool = WorkerPool(options=self.options)
+            self.pool.multiprocess = self.cfg.workers > 1
         except (RHTTPError, OSError) as e:
             self._boot_error(e)
 

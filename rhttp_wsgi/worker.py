@@ -124,6 +124,8 @@ class WorkerPool:
             max_output_backlog=options.max_output_backlog,
         )
         self.requests_served = 0
+        #: Set by process managers (the gunicorn worker) when siblings serve the same app.
+        self.multiprocess = False
         self._retiring: list[Tunnel] = []
 
     # -- lifecycle ---------------------------------------------------------------
@@ -274,7 +276,7 @@ class WorkerPool:
             ctx = WSGIContext(self.app, url_scheme=o.url_scheme, remote_addr=str(peer[0]),
                               remote_port=int(peer[1]), peer_certificate=session.peer_certificate(),
                               draining=self._draining, server_name=o.proxy_host, body_timeout=o.body_timeout,
-                              body_min_rate=o.body_min_rate)
+                              body_min_rate=o.body_min_rate, multiprocess=self.multiprocess)
             tunnel = Tunnel(
                 sock, session, TunnelProtocol("server", self._settings),
                 name=name,

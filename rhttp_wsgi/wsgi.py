@@ -53,14 +53,18 @@ class WSGIContext:
         "remote_port",
         "request_count",
         "server_name",
+        "static_environ",
         "url_scheme",
     )
 
     def __init__(self, app: WSGIApp, *, url_scheme: str = "forwarded", remote_addr: str = "",
                  remote_port: int = 0, peer_certificate: Any = None,
                  draining: threading.Event | None = None, server_name: str = "localhost",
-                 body_timeout: float | None = None, body_min_rate: int = 0) -> None:
+                 body_timeout: float | None = None, body_min_rate: int = 0, multiprocess: bool = False) -> None:
         self.app = app
+        #: Copied into every environ; ``wsgi.multiprocess`` is True when the app
+        #: also runs in sibling processes (gunicorn --workers N).
+        self.static_environ = dict(_STATIC_ENVIRON, **{"wsgi.multiprocess": multiprocess})
         self.url_scheme = url_scheme
         self.remote_addr = remote_addr
         self.remote_port = remote_port
@@ -226,7 +230,7 @@ def build_environ(ch: Channel, ctx: WSGIContext) -> dict[str, Any]:
     host = None
     cookies: list[str] = []
     # The keys that never change, copied in one go (cheaper than setting them per request).
-    environ: dict[str, Any] = _STATIC_ENVIRON.copy()
+    environ: dict[str, Any] = ctx.static_environ.copy()
     assert ch.headers is not None
     for name_b, value_b in ch.headers:
         if name_b[:1] == b":":

@@ -21,5 +21,6 @@ def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable
             Path(query["marker"]).write_text(str(os.getpid()))
         time.sleep(float(query.get("seconds", "1")))
     body = str(os.getpid()).encode()
-    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body))),
+                              ("X-Multiprocess", str(environ["wsgi.multiprocess"]))])
     return [body]

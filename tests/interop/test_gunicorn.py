@@ -206,7 +206,9 @@ def test_two_processes_each_with_its_own_tunnel_serve(proxy: Front, start: Calla
     g = start("--workers", "2", "--threads", "4", worker_class="egg:rhttp-wsgi#rhttp")
     attached(proxy, g, 2)
     assert proxy.workers() == 2
-    seen = Counter(get(proxy)[1] for _ in range(20))
+    replies = [get(proxy) for _ in range(20)]
+    assert {r[2]["x-multiprocess"] for r in replies} == {"True"}  # PEP 3333: siblings serve the app
+    seen = Counter(r[1] for r in replies)
     assert set(seen) == {str(p) for p in g.booted()}, (seen, g.log())
     assert len(seen) == 2 and all(n == 10 for n in seen.values()), seen  # round-robin over 2 tunnels
     assert g.log().count("1 tunnel(s), 4 app thread(s)") == 2, g.log()
