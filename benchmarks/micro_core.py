@@ -32,6 +32,7 @@ by tottime.
     python benchmarks/micro_core.py --mode threads --concurrency 16
     python benchmarks/micro_core.py --profile --limit 20
     python benchmarks/micro_core.py --path '/download?n=65536'
+    python benchmarks/micro_core.py --path /upload --body 1048576 --mode threads
     python benchmarks/micro_core.py --json          # one JSON line (for run.py)
 """
 
@@ -67,9 +68,10 @@ from rhttp_wsgi.wsgi import WSGIContext, run_wsgi  # noqa: E402
 
 
 #: Request headers as HAProxy sends them for an HTTP/1.1 client (host, no :authority).
-def request_headers(path: str) -> list[tuple[bytes, bytes]]:
+def request_headers(path: str, body: int = 0) -> list[tuple[bytes, bytes]]:
+    extra = [(b"content-length", str(body).encode())] if body else []
     return [
-        (b":method", b"GET"),
+        (b":method", b"POST" if body else b"GET"),
         (b":scheme", b"https"),
         (b":path", path.encode()),
         (b"host", b"127.0.0.1:8080"),
@@ -77,7 +79,19 @@ def request_headers(path: str) -> list[tuple[bytes, bytes]]:
         (b"accept", b"*/*"),
         (b"x-forwarded-for", b"127.0.0.1"),
         (b"x-forwarded-proto", b"http"),
+        *extra,
     ]
+
+
+def send_body(conn: Any, sid: int, remaining: int, block: bytes) -> int:
+    """Queue as much of a request body as the windows allow; returns what is left."""
+    while remaining:
+        n = min(remaining, conn.local_flow_control_window(sid), conn.max_outbound_frame_size, len(block))
+        if n <= 0:
+            break
+        remaining -= n
+        conn.send_data(sid, block[:n], end_stream=not remaining)
+    return remaining
 
 
 # ---------------------------------------------------------------------------
@@ -127,7 +141,7 @@ def tls_pair() -> tuple[Any, Any, tempfile.TemporaryDirectory[str]]:
 class Inline:
     """The worker's hot path, single-threaded, against an in-memory h2 client."""
 
-    def __init__(self, app: Callable[..., Any], path: str, tls: bool = False) -> None:
+    def __init__(self, app: Callable[..., Any], path: str, tls: bool = False, body: int = 0) -> None:
         # One thread plays the app and the writer: an app write must never
         # block waiting for a writer pass, so lift the watermark.
         _tunnel.HIGH_WATER = 1 << 62
@@ -135,7 +149,9 @@ class Inline:
         self.tunnel = Tunnel(None, None, self.worker, name="micro")  # type: ignore[arg-type]
         self.ctx = WSGIContext(app, remote_addr="127.0.0.1", remote_port=1)
         self.peer = TunnelProtocol("client", ProtocolSettings())
-        self.headers = request_headers(path)
+        self.headers = request_headers(path, body)
+        self.body = body
+        self.block = b"u" * 65536
         self.worker_ns = 0
         self.body_bytes = 0
         self._pending = b""
@@ -215,7 +231,8 @@ class Inline:
     def request(self) -> None:
         conn = self.peer.h2
         sid = conn.get_next_available_stream_id()
-        conn.send_headers(sid, self.headers, end_stream=True)
+        conn.send_headers(sid, self.headers, end_stream=not self.body)
+        left = send_body(conn, sid, self.body, self.block)
         # (plus what the peer still owed from the previous request, e.g. WINDOW_UPDATE)
         wire = self._pending + self._peer_output()
         clock = time.thread_time_ns
@@ -237,6 +254,8 @@ class Inline:
                     done = True
                 elif type(ev) is h2.events.StreamReset:
                     raise RuntimeError(f"stream reset: {ev}")
+            if left:
+                left = send_body(conn, sid, left, self.block)
             wire = self._peer_output()
             if not out and not wire and not done:
                 raise RuntimeError("the worker stalled")
@@ -249,7 +268,7 @@ class Inline:
 
 def run_inline(args: argparse.Namespace) -> dict[str, Any]:
     app = apps.app
-    bench = Inline(app, args.path, tls=args.tls)
+    bench = Inline(app, args.path, tls=args.tls, body=args.body)
     for _ in range(args.warmup):
         bench.request()
     samples = []
@@ -272,7 +291,7 @@ def run_inline(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_profile(args: argparse.Namespace) -> str:
-    bench = Inline(apps.app, args.path, tls=args.tls)
+    bench = Inline(apps.app, args.path, tls=args.tls, body=args.body)
     for _ in range(args.warmup):
         bench.request()
     prof = cProfile.Profile()
@@ -324,7 +343,9 @@ def run_threads(args: argparse.Namespace) -> dict[str, Any]:
     peer = TunnelProtocol("client", ProtocolSettings())
     peer.initiate(time.monotonic())
     b.sendall(peer.data_to_send())
-    headers = request_headers(args.path)
+    headers = request_headers(args.path, args.body)
+    block = b"u" * 65536
+    uploading: dict[int, int] = {}  # stream -> body bytes still to send
     in_flight: set[int] = set()
     done = 0
 
@@ -344,9 +365,14 @@ def run_threads(args: argparse.Namespace) -> dict[str, Any]:
                 peer.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
             elif type(ev) is h2.events.StreamEnded:
                 in_flight.discard(ev.stream_id)
+                uploading.pop(ev.stream_id, None)
                 done += 1
             elif type(ev) is h2.events.StreamReset:
                 raise RuntimeError(f"stream reset: {ev}")
+        for sid, left in list(uploading.items()):
+            uploading[sid] = send_body(peer.h2, sid, left, block)
+            if not uploading[sid]:
+                del uploading[sid]
         out = peer.data_to_send()
         if out:
             b.sendall(out)
@@ -361,7 +387,9 @@ def run_threads(args: argparse.Namespace) -> dict[str, Any]:
         while done < target:
             while len(in_flight) < args.concurrency and sent < n:
                 sid = peer.h2.get_next_available_stream_id()
-                peer.h2.send_headers(sid, headers, end_stream=True)
+                peer.h2.send_headers(sid, headers, end_stream=not args.body)
+                if args.body:
+                    uploading[sid] = send_body(peer.h2, sid, args.body, block)
                 in_flight.add(sid)
                 sent += 1
             out = peer.data_to_send()
@@ -402,6 +430,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", choices=("inline", "threads"), default="inline")
     p.add_argument("--path", default="/", help="request path served by benchmarks.apps:app (default /)")
     p.add_argument("--tls", action="store_true", help="inline mode: memory-BIO TLS on both sides")
+    p.add_argument("--body", type=int, default=0,
+                   help="POST a request body of this many bytes (use with --path /upload)")
     p.add_argument("--requests", type=int, default=5000, help="requests per repetition")
     p.add_argument("--repeat", type=int, default=5, help="repetitions (the median is reported)")
     p.add_argument("--warmup", type=int, default=500)
