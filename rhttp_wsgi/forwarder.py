@@ -111,6 +111,11 @@ class _ClientBodyError(Exception):
         self.status = status if isinstance(status, int) and 400 <= status < 500 else 400
 
 
+#: Other workers a refused idempotent request is retried on (a refused stream was
+#: never processed, RFC 9113 §8.7); two covers a rolling restart's draining neighbour.
+MAX_RETRIES = 2
+
+
 class Forwarder:
     """The WSGI app that forwards to workers (see the module doc)."""
 
@@ -152,6 +157,10 @@ class Forwarder:
         else:
             has_body = bool(length)
         retryable = method in IDEMPOTENT_RETRY and not has_body
+        # RFC 9113 §6.5.2 accounting, checked against each worker's advertised
+        # limit: a worker that must refuse an oversized header list may have to
+        # drop its whole tunnel (HPACK), taking every other stream with it.
+        head_size = sum(len(k) + len(v) + 32 for k, v in headers)
         tried: list[WorkerInfo] = []
         failure: BaseException | None = None
         while True:
@@ -165,6 +174,11 @@ class Forwarder:
                                      " no other worker to retry on") from e
                 raise
             tunnel = worker.tunnel
+            limit = tunnel.proto.h2.remote_settings.max_header_list_size
+            if limit is not None and head_size > limit:
+                self.registry.release(worker)
+                raise UpstreamError(f"request header list of {head_size} bytes exceeds the worker's limit"
+                                    f" ({limit})", status=431)
             try:
                 ch = tunnel.open_stream(headers, end_stream=not has_body)
             except (TunnelClosed, RHTTPError) as e:
@@ -182,7 +196,7 @@ class Forwarder:
             except (StreamReset, TunnelClosed) as e:
                 _finish(ch)
                 self.registry.release(worker)
-                if retryable and len(tried) == 0 and _refused(e, ch):
+                if retryable and len(tried) < MAX_RETRIES and _refused(e, ch):
                     log.info("worker %s refused %s %s (%s); retrying on another worker", worker.id, method,
                              environ.get("PATH_INFO"), e)
                     tried.append(worker)

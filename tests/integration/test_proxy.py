@@ -647,3 +647,14 @@ def test_stream_limit_wait_then_503(env: Env) -> None:
     assert status == 503 and "retry-after" in headers
     release.set()
     t.join(WAIT)
+
+
+def test_header_list_above_the_workers_limit_is_431_at_the_proxy(env: Env) -> None:
+    """The proxy answers 431 itself instead of making the worker drop its tunnel (HPACK)."""
+    env.start_proxy()
+    pool = env.start_worker(hello_app, max_header_list_size=4096)
+    headers = {f"x-h{i}": "v" * 40 for i in range(500)}  # ~38 KiB in RFC 9113 accounting, > 4x the limit
+    status, _, _, _ = env.request("GET", "/", headers=headers)
+    assert status == 431
+    assert env.request("GET", "/")[0] == 200
+    assert pool.tunnels()[0].reconnects == 0
