@@ -25,19 +25,19 @@ from .options import ProxyOptions, WorkerOptions
 logging.getLogger("rhttp_wsgi").addHandler(logging.NullHandler())
 
 __all__ = [
-    "__version__",
-    "WorkerPool",
-    "WorkerOptions",
-    "ProxyOptions",
-    "Proxy",
-    "RHTTPError",
-    "ConfigError",
-    "MTLSRequiredError",
-    "TunnelClosed",
-    "StreamReset",
-    "NoWorkerAvailable",
     "BadGateway",
+    "ConfigError",
     "GatewayTimeout",
+    "MTLSRequiredError",
+    "NoWorkerAvailable",
+    "Proxy",
+    "ProxyOptions",
+    "RHTTPError",
+    "StreamReset",
+    "TunnelClosed",
+    "WorkerOptions",
+    "WorkerPool",
+    "__version__",
 ]
 
 

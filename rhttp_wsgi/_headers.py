@@ -7,9 +7,9 @@ import re
 __all__ = [
     "CONNECTION_SPECIFIC",
     "HOP_BY_HOP",
+    "InvalidHeader",
     "valid_name",
     "valid_value",
-    "InvalidHeader",
 ]
 
 #: Forbidden in HTTP/2 messages (RFC 9113 §8.2.2); ``te`` is allowed only as "trailers".

@@ -12,19 +12,19 @@ from __future__ import annotations
 from h2.errors import ErrorCodes
 
 __all__ = [
-    "RHTTPError",
-    "ConfigError",
-    "MTLSRequiredError",
-    "TLSSetupError",
     "ALPNError",
+    "BadGateway",
+    "ConfigError",
+    "GatewayTimeout",
+    "MTLSRequiredError",
+    "NoWorkerAvailable",
     "ProtocolViolation",
-    "TunnelClosed",
+    "RHTTPError",
     "StreamReset",
     "StreamTimeout",
+    "TLSSetupError",
+    "TunnelClosed",
     "UpstreamError",
-    "NoWorkerAvailable",
-    "BadGateway",
-    "GatewayTimeout",
 ]
 
 

@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .proxy import Proxy
     from .worker import WorkerPool
 
-__all__ = ["ProxyMetrics", "WorkerMetrics", "InstrumentedApp"]
+__all__ = ["InstrumentedApp", "ProxyMetrics", "WorkerMetrics"]
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 Observer = Callable[[dict[str, Any], int, float, int, int], None]

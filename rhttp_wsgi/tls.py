@@ -24,10 +24,10 @@ from OpenSSL import SSL, crypto
 from .errors import ALPNError, ConfigError, TLSSetupError
 
 __all__ = [
-    "client_context",
-    "server_context",
     "TLSSession",
+    "client_context",
     "peer_common_name",
+    "server_context",
 ]
 
 log = logging.getLogger("rhttp_wsgi.tls")
@@ -126,7 +126,7 @@ def server_context(cert: str, key: str, workers_ca: str) -> SSL.Context:
 def _set_expected_host(conn: SSL.Connection, name: str) -> bool:
     """Make OpenSSL check the peer's certificate against ``name`` during the handshake."""
     try:
-        from OpenSSL._util import ffi, lib
+        from OpenSSL._util import lib
     except ImportError:  # pragma: no cover
         return False
     if not hasattr(lib, "SSL_get0_param"):  # pragma: no cover
@@ -210,7 +210,7 @@ class TLSSession:
             sock.settimeout(remaining)
             try:
                 data = sock.recv(65536)
-            except socket.timeout as e:
+            except TimeoutError as e:
                 raise TLSSetupError(f"TLS handshake timed out after {timeout:g}s") from e
             except OSError as e:
                 raise TLSSetupError(f"connection failed during TLS handshake: {e}") from e

@@ -31,7 +31,7 @@ from .options import WorkerOptions
 from .tls import TLSSession, client_context
 from .wsgi import WSGIApp, WSGIContext, run_wsgi
 
-__all__ = ["WorkerPool", "TunnelInfo"]
+__all__ = ["TunnelInfo", "WorkerPool"]
 
 log = logging.getLogger("rhttp_wsgi.worker")
 

@@ -79,7 +79,7 @@ def test_worker_from_environment_serves_and_drains_on_sigterm(pki: DemoPKI, prox
         r = proxy.request("GET", "/", tunnel=tunnels[0])
         assert (r.status, r.body) == (200, body)
         proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=15)
+        _, err = proc.communicate(timeout=15)
     finally:
         if proc.poll() is None:
             proc.kill()

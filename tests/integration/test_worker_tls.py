@@ -171,7 +171,7 @@ def test_healthy_tunnel_closed_without_goaway_is_replaced_fast(pki: DemoPKI, pro
         assert proxy.wait_for(lambda: any(t is not first for t in proxy.live()), 5)
         elapsed = time.monotonic() - t0
         assert elapsed < 1.0, f"replacement took {elapsed:.3f}s"
-        assert proxy.request("GET", "/", tunnel=[t for t in proxy.live() if t is not first][0]).status == 200
+        assert proxy.request("GET", "/", tunnel=next(t for t in proxy.live() if t is not first)).status == 200
         assert pool.tunnels()[0].reconnects == 1
 
 

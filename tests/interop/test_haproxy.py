@@ -24,8 +24,8 @@ import pytest
 
 from .haproxy_fixtures import (
     IDLE_PING_VERSION,
-    HAProxyProcess,
     RECOMMENDED_CFG,
+    HAProxyProcess,
     Lab,
     Response,
     TestApp,
