@@ -75,6 +75,7 @@ Abuse limits ("hard to break", issue 6), all cheap on the hot path:
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 from dataclasses import dataclass
@@ -124,6 +125,12 @@ class ProtocolSettings:
     reset_window: float = 10.0
     #: Bytes queued for a peer that is not reading before the tunnel is dropped.
     max_output_backlog: int = 1 << 20
+
+    @classmethod
+    def from_options(cls, options: object) -> ProtocolSettings:
+        """Take every field that a WorkerOptions/ProxyOptions declares under the same name."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{n: getattr(options, n) for n in names if hasattr(options, n)})
 
 
 def _error_code_from_int(code: int) -> ErrorCodes | int:

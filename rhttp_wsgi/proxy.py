@@ -328,16 +328,7 @@ class Proxy:
         self.on_detach = on_detach
         self._registry = _Registry(self.selector, options.stream_wait, options.attach_wait)
         self.wsgi_app: WSGIApp = Forwarder(self._registry, options)
-        self._settings = ProtocolSettings(
-            max_concurrent_streams=options.max_concurrent_streams,
-            initial_window_size=options.initial_window_size,
-            connection_window_size=options.connection_window_size,
-            max_header_list_size=options.max_header_list_size,
-            ping_interval=options.ping_interval,
-            ping_timeout=options.ping_timeout,
-            control_frame_rate=options.control_frame_rate,
-            control_frame_burst=options.control_frame_burst,
-        )
+        self._settings = ProtocolSettings.from_options(options)
         self._lock = threading.Lock()
         self._seq = itertools.count(1)
         self._listeners: list[ThreadedTCPServer] = []

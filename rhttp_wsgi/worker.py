@@ -110,19 +110,7 @@ class WorkerPool:
         self._shutdown_result = True
         self._pool = AppThreadPool(options.threads)
         self._slots = [_Slot(i) for i in range(options.connections)]
-        self._settings = ProtocolSettings(
-            max_concurrent_streams=options.max_concurrent_streams,
-            initial_window_size=options.initial_window_size,
-            connection_window_size=options.connection_window_size,
-            max_header_list_size=options.max_header_list_size,
-            ping_interval=options.ping_interval,
-            ping_timeout=options.ping_timeout,
-            control_frame_rate=options.control_frame_rate,
-            control_frame_burst=options.control_frame_burst,
-            max_header_count=options.max_header_count,
-            max_resets=options.max_resets,
-            max_output_backlog=options.max_output_backlog,
-        )
+        self._settings = ProtocolSettings.from_options(options)
         self.requests_served = 0
         #: Set by process managers (the gunicorn worker) when siblings serve the same app.
         self.multiprocess = False
