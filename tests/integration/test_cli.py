@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -158,3 +159,60 @@ def test_demo_serves_page_echo_and_events_then_cleans_up() -> None:
     assert proc.returncode == 0, "".join(lines) + err
     assert "demo stopped" in err
     assert not Path(certs).exists(), "the throwaway PKI must be removed"
+
+
+def _wait_line(proc: subprocess.Popen[str], pattern: str, lines: list[str], timeout: float = 20) -> Any:
+    import re
+    import time
+
+    assert proc.stderr is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        lines.append(line)
+        m = re.search(pattern, line)
+        if m:
+            return m
+    raise AssertionError(f"no line matching {pattern!r}:\n" + "".join(lines))
+
+
+def test_proxy_and_worker_commands_serve_together(pki: DemoPKI) -> None:
+    """`rhttp-wsgi proxy` and `rhttp-wsgi worker` as two processes, like a deployment."""
+    import urllib.request
+
+    cert, key = pki.workers["worker"]
+    proxy = subprocess.Popen(
+        [sys.executable, "-m", "rhttp_wsgi", "proxy", "--tunnel-bind", "127.0.0.1:0", "--public-bind",
+         "127.0.0.1:0", "--cert", str(pki.server_cert), "--key", str(pki.server_key),
+         "--workers-ca", str(pki.ca_cert), "--selector", "round-robin"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    procs = [proxy]
+    plines: list[str] = []
+    wlines: list[str] = []
+    try:
+        m = _wait_line(proxy, r"tunnels on (\S+):(\d+), public HTTP on (\S+):(\d+)", plines)
+        tport, public = m.group(2), f"http://{m.group(3)}:{m.group(4)}"
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "rhttp_wsgi", "worker", "tests.apps.hello:app", "--proxy", f"localhost:{tport}",
+             "--cert", str(cert), "--key", str(key), "--ca", str(pki.ca_cert)],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        procs.append(worker)
+        _wait_line(worker, r"tunnel-0: connected to localhost", wlines)
+        _wait_line(proxy, r"worker w1 attached: CN=worker", plines)
+        with urllib.request.urlopen(public + "/", timeout=10) as r:
+            assert r.read() == b"hello from cli"
+        worker.send_signal(signal.SIGTERM)
+        _, werr = worker.communicate(timeout=15)
+        assert worker.returncode == 0, werr
+        proxy.send_signal(signal.SIGTERM)
+        _, perr = proxy.communicate(timeout=15)
+        assert proxy.returncode == 0, perr
+        assert "proxy stopped" in perr
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(5)
