@@ -872,7 +872,13 @@ class Tunnel:
             if self._closing or self._draining:
                 raise TunnelClosed(f"{self.name}: not accepting new streams")
             conn = self.proto.h2
-            sid = conn.get_next_available_stream_id()
+            try:
+                sid = conn.get_next_available_stream_id()
+            except h2.exceptions.NoAvailableStreamIDError as e:
+                # 2^30 streams on one tunnel: retire it gracefully; the worker
+                # redials at once (a GOAWAY without error is a healthy close).
+                self._finish_drain_locked()
+                raise TunnelClosed(f"{self.name}: stream ids exhausted; tunnel retired") from e
             ch = Channel(self, sid, None)
             try:
                 conn.send_headers(sid, headers, end_stream=end_stream)

@@ -1008,3 +1008,24 @@ def test_drain_when_idle_closes_at_once(make_worker: Any) -> None:
     assert (final.error_code, final.last_stream_id) == (ErrorCodes.NO_ERROR, 0)
     h.wait_closed()
     h.peer.wait_closed()
+
+
+def test_client_role_retires_a_tunnel_whose_stream_ids_are_exhausted() -> None:
+    """After 2^30 streams the proxy side drains the tunnel instead of failing requests with 500."""
+    import socket as _socket
+
+    from rhttp_wsgi._protocol import TunnelProtocol
+    from rhttp_wsgi._tunnel import Tunnel
+
+    a, b = _socket.socketpair()
+    try:
+        t = Tunnel(a, None, TunnelProtocol("client"), name="exhausted")
+        t.proto.initiate(0.0)
+        t.proto.h2.highest_outbound_stream_id = 2**31 - 1
+        with pytest.raises(TunnelClosed, match="stream ids exhausted"):
+            t.open_stream([(b":method", b"GET"), (b":scheme", b"https"), (b":path", b"/"),
+                           (b":authority", b"x")], end_stream=True)
+        assert t.closing and not t.accepting
+    finally:
+        a.close()
+        b.close()
