@@ -127,3 +127,21 @@ def test_tricky_app_headers_on_the_wire(make_worker: Any) -> None:
     assert ("authorization", "secret") in r.headers
     assert not {"connection", "te"} & set(r.header_names())
     assert all(n == n.lower() for n in r.header_names())
+
+
+def test_cheap_data_frame_repr_is_identical() -> None:
+    """_protocol swaps hyperframe's DATA repr for one that hexlifies only what it shows."""
+    import binascii
+
+    import hyperframe.frame as hf
+    from hyperframe.frame import DataFrame
+
+    from rhttp_wsgi._protocol import _install_cheap_raw_data_repr
+
+    assert _install_cheap_raw_data_repr()
+    assert getattr(hf._raw_data_repr, "_rhttp_cheap", False)
+    for payload in (b"", b"a", bytes(range(10)), bytes(range(11)), bytes(16384)):
+        f = DataFrame(1, data=payload)
+        full = binascii.hexlify(payload).decode()
+        shown = "None" if not payload else "<hex:" + (full[:20] + "..." if len(full) > 20 else full) + ">"
+        assert repr(f).endswith(shown)
