@@ -52,7 +52,7 @@ Client disconnects: gunicorn notices a closed client only when a write to it
 fails (it then calls the body's ``close()``, which resets the worker's stream
 with CANCEL and sets ``environ["rhttp.cancelled"]`` on the worker).  To also
 notice it while the forwarder *waits* (for the response headers, or during a
-quiet stretch of an SSE stream), :func:`with_disconnect_probe` offers the
+quiet stretch of an SSE stream), :func:`rhttp_wsgi.mount.with_disconnect_probe` offers the
 forwarder ``environ["rhttp.client_disconnected"]``, a non-reading check of the
 socket gunicorn exposes as ``environ["gunicorn.socket"]`` (Linux ``POLLRDHUP``;
 elsewhere the probe reports nothing and only failed writes count), and turns
@@ -62,106 +62,23 @@ gunicorn logs at debug level instead of as a traceback.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
-import select
-import socket
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from rhttp_wsgi.options import ProxyOptions, coerce, options_from_env
+from rhttp_wsgi.mount import proxy_options_from_env, socket_probe, with_disconnect_probe
 from rhttp_wsgi.proxy import Proxy
 
-__all__ = ["app", "load_options", "proxy", "start", "stop", "with_disconnect_probe"]
+__all__ = ["app", "proxy", "start", "stop"]
 
 log = logging.getLogger("rhttp_wsgi.examples.gunicorn")
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
-_POLLRDHUP: int = getattr(select, "POLLRDHUP", 0)
-
-
-def load_options(environ: dict[str, str] | None = None) -> ProxyOptions:
-    """``ProxyOptions`` from the ``RHTTP_*`` environment variables (same names as the CLI)."""
-    raw = options_from_env(ProxyOptions, environ)
-    return ProxyOptions(**{name: coerce(ProxyOptions, name, text) for name, text in raw.items()})
-
-
-def _peer_closed(sock: socket.socket) -> bool:
-    """True when the client closed its side; never reads (pipelined bytes stay queued)."""
-    try:
-        p = select.poll()
-        p.register(sock.fileno(), select.POLLIN | _POLLRDHUP)
-        events = p.poll(0)
-    except (OSError, ValueError):  # closed socket: fileno() is -1
-        return True
-    return any(mask & (_POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL) for _, mask in events)
-
-
-class _DisconnectAware:
-    """The forwarder's streamed body, with "the client went away" reported as ``BrokenPipeError``.
-
-    The forwarder ends a body whose client left by raising (so a client that
-    is still there can never mistake a cut-off body for a complete one); the
-    server should see that as the disconnect it is, not as an app error.
-    """
-
-    def __init__(self, body: Iterable[bytes], gone: Callable[[], bool]) -> None:
-        self._body = body
-        self._it = iter(body)
-        self._gone = gone
-
-    def __iter__(self) -> _DisconnectAware:
-        return self
-
-    def __next__(self) -> bytes:
-        try:
-            return next(self._it)
-        except StopIteration:
-            raise
-        except Exception as e:
-            if self._gone():
-                raise BrokenPipeError(errno.EPIPE, f"the client went away ({e})") from e
-            raise
-
-    def close(self) -> None:
-        close = getattr(self._body, "close", None)
-        if close is not None:
-            close()
-
-
-def with_disconnect_probe(app: WSGIApp, socket_key: str = "gunicorn.socket") -> WSGIApp:
-    """Give the forwarder ``rhttp.client_disconnected`` from the server's socket in ``environ``.
-
-    A streamed body that fails once the client has left is re-raised as
-    ``BrokenPipeError`` (EPIPE): gunicorn logs it at debug level instead of logging
-    a traceback for a routine disconnect.
-    """
-    if not _POLLRDHUP:  # pragma: no cover - not Linux: writes still detect disconnects
-        return app
-
-    def probed(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        sock = environ.get(socket_key)
-        if not isinstance(sock, socket.socket) or "rhttp.client_disconnected" in environ:
-            return app(environ, start_response)
-
-        def gone() -> bool:
-            return _peer_closed(sock)
-
-        environ["rhttp.client_disconnected"] = gone
-        body = app(environ, start_response)
-        return body if isinstance(body, list) else _DisconnectAware(body, gone)
-
-    return probed
-
-
-# Built at import (in the gunicorn worker, or in the master with --preload):
-# a configuration error stops the boot with the option's name.  Nothing is
-# bound and no thread starts until start().
-proxy = Proxy(load_options())
-app = with_disconnect_probe(proxy.wsgi_app)
+proxy = Proxy(proxy_options_from_env())
+app = with_disconnect_probe(proxy.wsgi_app, socket_probe("gunicorn.socket"))
 
 _lock = threading.Lock()
 _started_in: int | None = None  # pid that owns the running tunnel listener

@@ -67,7 +67,7 @@ from waitress.adjustments import Adjustments
 from waitress.channel import ClientDisconnected
 
 from rhttp_wsgi.errors import ConfigError
-from rhttp_wsgi.options import ProxyOptions, coerce, options_from_env
+from rhttp_wsgi.mount import environ_probe, proxy_options_from_env, with_disconnect_probe
 from rhttp_wsgi.proxy import Proxy
 
 log = logging.getLogger("rhttp_wsgi.examples.waitress")
@@ -82,62 +82,6 @@ WAITRESS_DEFAULTS: dict[str, Any] = {
     "asyncore_use_poll": True,
     "connection_limit": 1000,
 }
-
-
-def load_options(environ: dict[str, str] | None = None) -> ProxyOptions:
-    """``ProxyOptions`` from the ``RHTTP_*`` environment variables (same names as the CLI)."""
-    raw = options_from_env(ProxyOptions, environ)
-    return ProxyOptions(**{name: coerce(ProxyOptions, name, text) for name, text in raw.items()})
-
-
-class _DisconnectAware:
-    """The forwarder's streamed body, with "the client went away" reported as waitress's ``ClientDisconnected``.
-
-    The forwarder ends a body whose client left by raising (so a client that
-    is still there can never mistake a cut-off body for a complete one);
-    waitress logs ``ClientDisconnected`` as one INFO line instead of an error
-    with a traceback.
-    """
-
-    def __init__(self, body: Iterable[bytes], gone: Callable[[], bool]) -> None:
-        self._body = body
-        self._it = iter(body)
-        self._gone = gone
-
-    def __iter__(self) -> _DisconnectAware:
-        return self
-
-    def __next__(self) -> bytes:
-        try:
-            return next(self._it)
-        except StopIteration:
-            raise
-        except Exception as e:
-            if self._gone():
-                raise ClientDisconnected(f"the client went away ({e})") from e
-            raise
-
-    def close(self) -> None:
-        close = getattr(self._body, "close", None)
-        if close is not None:
-            close()
-
-
-def with_disconnect_probe(app: WSGIApp) -> WSGIApp:
-    """Hand waitress's disconnect check to the forwarder as ``rhttp.client_disconnected``.
-
-    It only ever reports a disconnect with ``channel_request_lookahead`` >= 1.
-    """
-
-    def probed(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        gone = environ.get("waitress.client_disconnected")
-        if not callable(gone) or "rhttp.client_disconnected" in environ:
-            return app(environ, start_response)
-        environ["rhttp.client_disconnected"] = gone
-        body = app(environ, start_response)
-        return body if isinstance(body, list) else _DisconnectAware(body, gone)
-
-    return probed
 
 
 def waitress_settings(argv: Sequence[str], public_bind: str) -> dict[str, Any]:
@@ -160,12 +104,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("RHTTP_LOG_LEVEL", "info").upper(),
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     try:
-        options = load_options()
+        options = proxy_options_from_env()
         settings = waitress_settings(sys.argv[1:] if argv is None else argv, options.public_bind)
         proxy = Proxy(options)
     except ConfigError as e:  # one line naming the option, like `rhttp-wsgi proxy`
         raise SystemExit(f"proxy_in_waitress: error: {e}") from None
-    server = waitress.create_server(with_disconnect_probe(proxy.wsgi_app), **settings)
+    server = waitress.create_server(with_disconnect_probe(proxy.wsgi_app, environ_probe("waitress.client_disconnected"),
+                                                          ClientDisconnected), **settings)
     host, port = proxy.start_tunnels()
     log.info("rhttp-wsgi proxy in waitress: worker tunnels on %s:%d, public HTTP on %s (%s threads)",
              host, port, settings["listen"] if "listen" in settings else "configured sockets",

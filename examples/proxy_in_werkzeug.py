@@ -32,7 +32,7 @@ Settings that matter:
 Client disconnects: werkzeug notices a closed client only when a write to it
 fails (it then calls the body's ``close()``, which resets the worker's stream
 with CANCEL and sets ``environ["rhttp.cancelled"]`` on the worker).  To also
-notice it while the forwarder *waits*, :func:`with_disconnect_probe` offers
+notice it while the forwarder *waits*, :func:`rhttp_wsgi.mount.with_disconnect_probe` offers
 ``environ["rhttp.client_disconnected"]``, a non-reading check of the socket
 werkzeug exposes as ``environ["werkzeug.socket"]`` (Linux ``POLLRDHUP``), and
 turns the forwarder's "client went away" error into ``BrokenPipeError``, which
@@ -41,12 +41,9 @@ werkzeug treats as a dropped connection instead of logging a traceback.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
-import select
 import signal
-import socket
 import sys
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -55,89 +52,13 @@ from typing import Any
 from werkzeug.serving import make_server
 
 from rhttp_wsgi.errors import ConfigError
-from rhttp_wsgi.options import ProxyOptions, coerce, options_from_env, parse_address
+from rhttp_wsgi.mount import proxy_options_from_env, socket_probe, with_disconnect_probe
+from rhttp_wsgi.options import parse_address
 from rhttp_wsgi.proxy import Proxy
 
 log = logging.getLogger("rhttp_wsgi.examples.werkzeug")
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
-
-_POLLRDHUP: int = getattr(select, "POLLRDHUP", 0)
-
-
-def load_options(environ: dict[str, str] | None = None) -> ProxyOptions:
-    """``ProxyOptions`` from the ``RHTTP_*`` environment variables (same names as the CLI)."""
-    raw = options_from_env(ProxyOptions, environ)
-    return ProxyOptions(**{name: coerce(ProxyOptions, name, text) for name, text in raw.items()})
-
-
-def _peer_closed(sock: socket.socket) -> bool:
-    """True when the client closed its side; never reads (pipelined bytes stay queued)."""
-    try:
-        p = select.poll()
-        p.register(sock.fileno(), select.POLLIN | _POLLRDHUP)
-        events = p.poll(0)
-    except (OSError, ValueError):  # closed socket: fileno() is -1
-        return True
-    return any(mask & (_POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL) for _, mask in events)
-
-
-class _DisconnectAware:
-    """The forwarder's streamed body, with "the client went away" reported as ``BrokenPipeError``.
-
-    The forwarder ends a body whose client left by raising (so a client that
-    is still there can never mistake a cut-off body for a complete one); the
-    server should see that as the disconnect it is, not as an app error.
-    """
-
-    def __init__(self, body: Iterable[bytes], gone: Callable[[], bool]) -> None:
-        self._body = body
-        self._it = iter(body)
-        self._gone = gone
-
-    def __iter__(self) -> _DisconnectAware:
-        return self
-
-    def __next__(self) -> bytes:
-        try:
-            return next(self._it)
-        except StopIteration:
-            raise
-        except Exception as e:
-            if self._gone():
-                raise BrokenPipeError(errno.EPIPE, f"the client went away ({e})") from e
-            raise
-
-    def close(self) -> None:
-        close = getattr(self._body, "close", None)
-        if close is not None:
-            close()
-
-
-def with_disconnect_probe(app: WSGIApp, socket_key: str = "werkzeug.socket") -> WSGIApp:
-    """Give the forwarder ``rhttp.client_disconnected`` from the server's socket in ``environ``.
-
-    A streamed body that fails once the client has left is re-raised as
-    ``BrokenPipeError`` (EPIPE): werkzeug treats it as a dropped connection instead of logging
-    a traceback for a routine disconnect.
-    """
-    if not _POLLRDHUP:  # pragma: no cover - not Linux: writes still detect disconnects
-        return app
-
-    def probed(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        sock = environ.get(socket_key)
-        if not isinstance(sock, socket.socket) or "rhttp.client_disconnected" in environ:
-            return app(environ, start_response)
-
-        def gone() -> bool:
-            return _peer_closed(sock)
-
-        environ["rhttp.client_disconnected"] = gone
-        body = app(environ, start_response)
-        return body if isinstance(body, list) else _DisconnectAware(body, gone)
-
-    return probed
-
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
@@ -146,12 +67,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("RHTTP_LOG_LEVEL", "info").upper(),
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     try:
-        options = load_options()
+        options = proxy_options_from_env()
         host, port = parse_address(options.public_bind, option="public_bind")
         proxy = Proxy(options)
     except ConfigError as e:  # one line naming the option, like `rhttp-wsgi proxy`
         raise SystemExit(f"proxy_in_werkzeug: error: {e}") from None
-    server = make_server(host, port, with_disconnect_probe(proxy.wsgi_app), threaded=True)
+    app = with_disconnect_probe(proxy.wsgi_app, socket_probe("werkzeug.socket"))
+    server = make_server(host, port, app, threaded=True)
     thost, tport = proxy.start_tunnels()
     log.info("rhttp-wsgi proxy in werkzeug: worker tunnels on %s:%d, public HTTP on %s:%d",
              thost, tport, host, server.server_port)
