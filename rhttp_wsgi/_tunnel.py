@@ -9,7 +9,7 @@ socket ``recv``                reader only                      none (one reader
 socket ``sendall``/shutdown    writer only (reader: ``close``)  none (one writer)
 ``TLSSession`` (OpenSSL)       reader (decrypt), writer         ``Tunnel.lock``
                                (encrypt)
-``TunnelProtocol`` / h2        reader (events), writer          ``Tunnel.lock``
+``TunnelProtocol`` / H2Core    reader (events), writer          ``Tunnel.lock``
                                (flush), app threads (headers,
                                credit, reset), owner (drain)
 ``_channels``/``_ready``/      any of the above                 ``Tunnel.lock``
@@ -24,11 +24,11 @@ lingering-handler count        app thread (``handler_done``)
 
 Rules that keep it safe:
 
-* OpenSSL and h2 are touched only with ``Tunnel.lock`` held, so one
+* OpenSSL and the HTTP/2 core are touched only with ``Tunnel.lock`` held, so one
   connection object never sees two threads (OpenSSL corrupts records when
-  ``SSL_read`` and ``SSL_write`` overlap; h2 is not thread-safe).
+  ``SSL_read`` and ``SSL_write`` overlap; H2Core is not thread-safe).
 * No lock is ever held across socket I/O or application code: the reader
-  ``recv()``s, then locks to decrypt and parse; the writer locks to drain h2
+  ``recv()``s, then locks to decrypt and parse; the writer locks to drain the core
   and encrypt, then unlocks and ``sendall()``s.  App threads lock only to move
   bytes in or out of their channel.
 * Per-stream deadlines (``request_timeout``, the send stall of
@@ -141,7 +141,7 @@ class Channel:
 
         A stream can end (reset, timed out, or simply answered) while its
         handler still runs; until then it counts as *lingering* against the
-        tunnel's MAX_CONCURRENT_STREAMS (see ``_H2Connection.lingering_handlers``).
+        tunnel's MAX_CONCURRENT_STREAMS (see ``H2Core.lingering_handlers``).
         """
         if not self._handler:  # not dispatched by a tunnel (e.g. driven directly)
             return
@@ -333,7 +333,7 @@ class Channel:
         self.tunnel._retire_locked(self)
 
     def _flush_locked(self, budget: int) -> tuple[int, bool]:
-        """Move queued bytes into h2 within the peer's windows.
+        """Move queued bytes into the HTTP/2 core within the peer's windows.
 
         Returns (bytes moved, blocked on flow control).
         """
