@@ -230,8 +230,10 @@ class H2Core:
         self._flood_at = 0.0
         #: The time of the bytes being fed (sans-I/O clock for the buckets).
         self.now = 0.0
-        # Header fields that passed validation (plain names only): a repeated
-        # field costs one set lookup.  Bounded: cleared when full.
+        # Header fields that passed validation (plain names only, short ones
+        # only): a repeated field costs one set lookup.  Bounded: at most 2048
+        # fields of <= 256 bytes (cleared when full), so a peer sending unique
+        # large values cannot grow it.
         self._valid_fields: set[tuple[bytes, bytes]] = set()
 
     # -- settings and start --------------------------------------------------------------
@@ -861,9 +863,10 @@ class H2Core:
                         cookies = []
                     cookies.append(value)
                 continue
-            if len(valid) >= 2048:
-                valid.clear()
-            valid.add(field)
+            if len(name) + len(value) <= 256:  # bounded: <= 2048 x 256 B per connection
+                if len(valid) >= 2048:
+                    valid.clear()
+                valid.add(field)
         if not trailers:
             _check_request_pseudo(pseudo, host)
         if cookies is not None:
