@@ -38,8 +38,10 @@ import h2.events as ev
 import h2.exceptions as h2x
 from h2.errors import ErrorCodes
 from h2.settings import ChangedSetting, SettingCodes
-from hpack import Decoder, Encoder, HeaderTuple, NeverIndexedHeaderTuple
+from hpack import HeaderTuple, NeverIndexedHeaderTuple
 from hpack.exceptions import HPACKError, OversizedHeaderListError
+
+from ._hpack import Decoder, Encoder
 
 __all__ = ["H2Core", "RequestRejected", "Settings", "StreamRefused"]
 
@@ -148,8 +150,8 @@ class Stream:
     """Per-stream state: a few integers instead of a state-machine object."""
 
     __slots__ = ("_actual_content_length", "_expected_content_length", "closed", "got_headers", "in_max",
-                 "in_processed", "in_window", "inbound", "out_window", "recv_open", "send_open", "sent_headers",
-                 "stream_id")
+                 "in_processed", "in_window", "inbound", "no_content", "out_window", "recv_open", "send_open",
+                 "sent_headers", "stream_id")
 
     def __init__(self, stream_id: int, inbound: bool, in_window: int, out_window: int) -> None:
         self.stream_id = stream_id
@@ -165,6 +167,7 @@ class Stream:
         self._expected_content_length: int | None = None
         self._actual_content_length = 0
         self.closed = False
+        self.no_content = False           # client role: we sent a HEAD request (its response has no content)
 
 
 def _window_increment(current: int, maximum: int, processed: int) -> int:
@@ -318,6 +321,8 @@ class H2Core:
                 _check_request(headers, outbound=True)
             st = Stream(stream_id, False, self.local_settings.initial_window_size,
                         self.remote_settings.initial_window_size)
+            # RFC 9113 §8.1.1: the response to HEAD has no content (see _header_block).
+            st.no_content = (b":method", b"HEAD") in headers or (":method", "HEAD") in headers
             self.streams[stream_id] = st
             self.highest_outbound_stream_id = stream_id
             self.open_outbound_streams += 1
@@ -652,7 +657,7 @@ class H2Core:
 
     def _decode(self, block: bytes) -> list[tuple[bytes, bytes]]:
         try:
-            return self.decoder.decode(block, raw=True)  # type: ignore[return-value]
+            return self.decoder.decode(block, raw=True)
         except OversizedHeaderListError as e:
             raise self._fail(ErrorCodes.ENHANCE_YOUR_CALM, f"header list too large: {e}") from e
         except (HPACKError, IndexError, TypeError, UnicodeDecodeError, ValueError) as e:
@@ -698,6 +703,10 @@ class H2Core:
         if cl == -1:
             events.append(self._stream_error(st, ErrorCodes.PROTOCOL_ERROR))
             return
+        if st.no_content or status == b"204" or status == b"304":
+            # RFC 9113 §8.1.1: a response defined to have no content (to HEAD; 204, 304) MAY carry a
+            # non-zero content-length while its DATA frames carry nothing: hold the DATA to 0 bytes.
+            cl = 0
         st._expected_content_length = cl
         if end_stream:
             ended = ev.StreamEnded(stream_id=sid)

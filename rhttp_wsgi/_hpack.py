@@ -1,0 +1,645 @@
+"""A fast HPACK (RFC 7541) codec, drop-in for the parts of ``hpack`` 4.2 our HTTP/2 core uses.
+
+``hpack``'s decoder walks a header block through several method calls per field, slices a
+``memoryview`` per field and makes a ``log.debug`` call per field; its encoder searches the dynamic
+table linearly.  Here:
+
+* :class:`Decoder` decodes a block in one loop over local variables.  Static and dynamic entries
+  live in one list (``[unused] + 61 static entries + dynamic entries, newest first``), so an
+  indexed field — which is every field of a steady-state request from HAProxy — is one list
+  lookup, one size addition and one ``append`` of a tuple that is shared with the table (tuples
+  are immutable: sharing is safe).  A block made only of indexed fields (a load test's identical
+  requests) is remembered while the dynamic table is unchanged.
+* :class:`Encoder` finds exact and name matches with dicts (the dynamic table is indexed by
+  insertion sequence number, so no entry has to be renumbered when another is inserted), and
+  caches whole encoded blocks that consist of indexed representations only, for as long as the
+  dynamic table does not change.
+
+Errors are ``hpack``'s own exception classes, raised where ``hpack`` 4.2 raises them
+(``tests/unit/test_hpack_fast.py`` checks both libraries side by side).  Huffman coding reuses
+``hpack``'s tables.  Differences from ``hpack`` are listed in the class docstrings.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal, cast, overload
+
+from hpack.exceptions import (
+    HPACKDecodingError,
+    InvalidTableIndex,
+    InvalidTableSizeError,
+    OversizedHeaderListError,
+)
+from hpack.huffman_constants import REQUEST_CODES, REQUEST_CODES_LENGTH
+from hpack.huffman_table import HUFFMAN_COMPLETE, HUFFMAN_EMIT_SYMBOL, HUFFMAN_FAIL, HUFFMAN_TABLE
+from hpack.struct import HeaderTuple, NeverIndexedHeaderTuple
+from hpack.table import HeaderTable
+
+__all__ = ["DEFAULT_MAX_HEADER_LIST_SIZE", "DEFAULT_TABLE_SIZE", "Decoder", "Encoder"]
+
+#: hpack's default for :attr:`Decoder.max_header_list_size` (64 KiB).
+DEFAULT_MAX_HEADER_LIST_SIZE = 1 << 16
+#: RFC 7540 §6.5.2 initial SETTINGS_HEADER_TABLE_SIZE.
+DEFAULT_TABLE_SIZE = 4096
+
+#: Continuation octets accepted after a full prefix, as ``hpack.hpack.decode_integer`` (its
+#: ``VARINT_MAX_LENGTH`` check): a sixth one is a decoding error, so no integer exceeds 2**35 + 255.
+_MAX_CONTINUATION = 5
+
+_STATIC: tuple[tuple[bytes, bytes], ...] = tuple((n, v) for n, v in HeaderTable.STATIC_TABLE)
+_STATIC_LEN = len(_STATIC)  # 61
+_FIRST_DYNAMIC = _STATIC_LEN + 1  # index 62 = newest dynamic entry
+
+# Encoder look-ups: exact (name, value) -> static index; name -> lowest static index.
+_STATIC_FULL: dict[tuple[bytes, bytes], int] = {}
+_STATIC_NAME: dict[bytes, int] = {}
+for _i, _entry in enumerate(_STATIC, 1):
+    _STATIC_FULL.setdefault(_entry, _i)
+    _STATIC_NAME.setdefault(_entry[0], _i)
+del _i, _entry
+
+# h2's ``_secure_headers`` rule (h2/utilities.py), applied by the encoder itself: these names, and
+# ``cookie`` values shorter than 20 bytes, are sent never-indexed.
+_SENSITIVE_NAMES = frozenset({b"authorization", b"proxy-authorization"})
+_SHORT_COOKIE = 20
+
+_HUFF_CODES: list[int] = list(REQUEST_CODES)
+_HUFF_LENGTHS: list[int] = list(REQUEST_CODES_LENGTH)
+
+Header = tuple[bytes, bytes] | HeaderTuple
+StrHeader = tuple[str, str]
+
+
+def _decode_int_tail(data: bytes, pos: int, value: int) -> tuple[int, int]:
+    """Finish an integer whose prefix was all ones; ``pos`` is at the first continuation octet.
+
+    Returns ``(value, position after the integer)``.
+    """
+    end = len(data)
+    shift = 0
+    count = 0
+    while True:
+        if pos >= end:
+            raise HPACKDecodingError("Unable to decode HPACK integer representation: truncated")
+        octet = data[pos]
+        pos += 1
+        value += (octet & 0x7F) << shift
+        if octet < 0x80:
+            return value, pos
+        count += 1
+        if count >= _MAX_CONTINUATION:
+            raise HPACKDecodingError("Variable integer representation is too long")
+        shift += 7
+
+
+# Huffman decoding runs hpack's nibble state machine (huffman_table.HUFFMAN_TABLE) a whole octet
+# at a time: (state << 8 | octet) -> (next state << 8, emitted bytes, 0 failed / 1 / 2 complete),
+# memoised on first use (at most 256 * 256 entries; a few thousand for typical header text).
+# Same automaton, so the same strings are accepted and rejected as by hpack.decode_huffman.
+_HuffStep = tuple[int, bytes, int]
+_HUFF_STEPS: dict[int, _HuffStep] = {}
+
+
+def _huffman_step(key: int) -> _HuffStep:
+    octet = key & 0xFF
+    out = bytearray()
+    state, flags, symbol = HUFFMAN_TABLE[(key >> 8) * 16 + (octet >> 4)]
+    if flags & HUFFMAN_FAIL:
+        step: _HuffStep = (0, b"", 0)
+    else:
+        if flags & HUFFMAN_EMIT_SYMBOL:
+            out.append(symbol)
+        state, flags, symbol = HUFFMAN_TABLE[state * 16 + (octet & 0x0F)]
+        if flags & HUFFMAN_FAIL:
+            step = (0, b"", 0)
+        else:
+            if flags & HUFFMAN_EMIT_SYMBOL:
+                out.append(symbol)
+            step = (state << 8, bytes(out), 2 if flags & HUFFMAN_COMPLETE else 1)
+    _HUFF_STEPS[key] = step
+    return step
+
+
+def huffman_decode(data: bytes) -> bytes:
+    """Decode a Huffman-coded string; HPACKDecodingError for EOS or bad padding, like hpack."""
+    steps = _HUFF_STEPS
+    out = bytearray()
+    state = 0
+    status = 2  # the empty string is complete
+    for octet in data:
+        key = state | octet
+        try:
+            state, emitted, status = steps[key]
+        except KeyError:
+            state, emitted, status = _huffman_step(key)
+        if not status:
+            raise HPACKDecodingError("Invalid Huffman string")
+        out += emitted
+    if status != 2:
+        raise HPACKDecodingError("Incomplete Huffman string")
+    return bytes(out)
+
+
+def encode_integer(value: int, prefix_bits: int, flags: int = 0) -> bytes:
+    """RFC 7541 §5.1 integer with ``flags`` OR-ed into the first octet."""
+    if value < 0:
+        raise ValueError(f"Can only encode positive integers, got {value}")
+    limit = (1 << prefix_bits) - 1
+    if value < limit:
+        return bytes((flags | value,))
+    out = bytearray((flags | limit,))
+    value -= limit
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def huffman_encode(data: bytes) -> bytes:
+    """Huffman-encode ``data`` (RFC 7541 Appendix B), padded with ones to an octet boundary."""
+    acc = 0
+    nbits = 0
+    codes = _HUFF_CODES
+    lengths = _HUFF_LENGTHS
+    for octet in data:
+        length = lengths[octet]
+        acc = (acc << length) | codes[octet]
+        nbits += length
+    pad = -nbits & 7
+    acc = (acc << pad) | ((1 << pad) - 1)
+    return acc.to_bytes((nbits + pad) >> 3, "big")
+
+
+def _encode_string(data: bytes, huffman: bool) -> bytes:
+    """A string literal (§5.2): Huffman-coded when asked for and strictly shorter."""
+    if huffman and data:
+        coded = huffman_encode(data)
+        if len(coded) < len(data):
+            return encode_integer(len(coded), 7, 0x80) + coded
+    return encode_integer(len(data), 7) + data
+
+
+# Indexed representations (§6.1) of small indexes, precomputed.
+_INDEXED: tuple[bytes, ...] = tuple(encode_integer(i, 7, 0x80) for i in range(512))
+_INDEXED_LEN = len(_INDEXED)
+
+
+# Field types ``encode`` has already looked up in the exact-match dicts when they hold bytes.
+_HASHED = frozenset({tuple, HeaderTuple, NeverIndexedHeaderTuple})
+
+
+def _to_bytes(value: object) -> bytes:
+    if type(value) is bytes:
+        return value
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    return str(value).encode("utf-8")
+
+
+class Decoder:
+    """HPACK decoder, drop-in for ``hpack.Decoder`` as used by an HTTP/2 connection.
+
+    ``decode`` returns a list of plain ``(name, value)`` tuples of ``bytes`` (``raw=True``, the
+    default here — hpack's default is ``raw=False``), except that a field received as a literal
+    *never indexed* (§6.2.3) comes back as :class:`hpack.NeverIndexedHeaderTuple`, so the flag can
+    be honoured when a field is forwarded.  Unlike hpack, other fields are not wrapped in
+    :class:`hpack.HeaderTuple` (they compare equal to hpack's result).
+
+    Errors, as hpack 4.2: :class:`hpack.exceptions.HPACKDecodingError` for a truncated integer or
+    string, an integer with more than 5 continuation octets, invalid Huffman data (EOS, padding
+    longer than 7 bits or not all ones) or a dynamic table size update after a field;
+    :class:`~hpack.exceptions.InvalidTableIndex` (a subclass) for index 0 or an index beyond the
+    tables; :class:`~hpack.exceptions.InvalidTableSizeError` for a size update above
+    :attr:`max_allowed_table_size` or a table still larger than it at the end of the block;
+    :class:`~hpack.exceptions.OversizedHeaderListError` as soon as the running list size
+    (sum of ``len(name) + len(value) + 32``) exceeds :attr:`max_header_list_size` — the fields
+    decoded so far are discarded, so an "HPACK bomb" never expands past the limit.  After any error
+    the decoder's state is undefined: the connection must be closed (COMPRESSION_ERROR).
+
+    A block made only of indexed fields (no literal, no size update) is remembered, keyed on its
+    bytes, until the dynamic table next changes; decoding it again returns a new list of the same
+    tuples after re-checking both limits.
+    """
+
+    __slots__ = ("_cache", "_maxsize", "_size", "_table", "max_allowed_table_size", "max_header_list_size")
+
+    #: Blocks made only of indexed fields, at most this long, are remembered (at most
+    #: ``BLOCK_CACHE_SIZE`` of them) while the dynamic table is unchanged: decoding such a block
+    #: again is one dict look-up (a load test's identical requests; health checks).
+    BLOCK_CACHE_MAX_LEN = 256
+    BLOCK_CACHE_SIZE = 64
+
+    def __init__(self, max_header_list_size: int = DEFAULT_MAX_HEADER_LIST_SIZE) -> None:
+        #: Largest decoded header list accepted (RFC 7541 §4.1 sizes); exceeding it raises
+        #: OversizedHeaderListError mid-block.
+        self.max_header_list_size = max_header_list_size
+        #: Largest dynamic table size the peer may select (our acknowledged
+        #: SETTINGS_HEADER_TABLE_SIZE).
+        self.max_allowed_table_size = DEFAULT_TABLE_SIZE
+        self._maxsize = DEFAULT_TABLE_SIZE
+        self._size = 0
+        # [0] is never returned (index 0 is rejected), [1..61] static, [62..] dynamic newest first.
+        self._table: list[tuple[bytes, bytes]] = [(b"", b""), *_STATIC]
+        # block -> (headers, list size), for all-indexed blocks; emptied whenever the table changes.
+        self._cache: dict[bytes, tuple[tuple[tuple[bytes, bytes], ...], int]] = {}
+
+    @property
+    def header_table_size(self) -> int:
+        """Current maximum size of the dynamic table (settable; shrinking evicts)."""
+        return self._maxsize
+
+    @header_table_size.setter
+    def header_table_size(self, value: int) -> None:
+        self._resize(int(value))
+
+    @property
+    def table_size(self) -> int:
+        """Current size of the dynamic table (sum of entry sizes, §4.1)."""
+        return self._size
+
+    @property
+    def dynamic_table(self) -> list[tuple[bytes, bytes]]:
+        """The dynamic table's entries, newest first (index 62 first)."""
+        return self._table[_FIRST_DYNAMIC:]
+
+    def _resize(self, maxsize: int) -> None:
+        self._cache.clear()
+        self._maxsize = maxsize
+        if maxsize <= 0:
+            del self._table[_FIRST_DYNAMIC:]
+            self._size = 0
+            return
+        table = self._table
+        size = self._size
+        while size > maxsize:
+            name, value = table.pop()
+            size -= len(name) + len(value) + 32
+        self._size = size
+
+    @overload
+    def decode(self, data: bytes | bytearray | memoryview, raw: Literal[True] = ...) -> list[tuple[bytes, bytes]]: ...
+
+    @overload
+    def decode(self, data: bytes | bytearray | memoryview, raw: Literal[False]) -> list[tuple[str, str]]: ...
+
+    @overload
+    def decode(
+        self, data: bytes | bytearray | memoryview, raw: bool
+    ) -> list[tuple[bytes, bytes]] | list[tuple[str, str]]: ...
+
+    def decode(
+        self, data: bytes | bytearray | memoryview, raw: bool = True
+    ) -> list[tuple[bytes, bytes]] | list[tuple[str, str]]:
+        """Decode one complete header block (all its CONTINUATION fragments joined)."""
+        if type(data) is not bytes:
+            data = bytes(data)
+        hit = self._cache.get(data)
+        if (hit is not None and hit[1] <= self.max_header_list_size
+                and self._maxsize <= self.max_allowed_table_size):
+            # Otherwise decode it again: that raises the right error at the right point.
+            return list(hit[0]) if raw else self._to_str(hit[0])
+        only_indexed = True
+        table = self._table
+        headers: list[tuple[bytes, bytes]] = []
+        append = headers.append
+        limit = self.max_header_list_size
+        listsize = 0
+        pos = 0
+        end = len(data)
+        while pos < end:
+            octet = data[pos]
+            pos += 1
+            if octet & 0x80:
+                # §6.1 indexed header field: the hot path.
+                index = octet & 0x7F
+                if index == 0x7F:
+                    index, pos = _decode_int_tail(data, pos, index)
+                elif not index:
+                    raise InvalidTableIndex("Invalid table index 0")
+                try:
+                    header = table[index]
+                except IndexError:
+                    raise InvalidTableIndex(f"Invalid table index {index}") from None
+                listsize += len(header[0]) + len(header[1]) + 32
+                if listsize > limit:
+                    raise OversizedHeaderListError(f"A header list larger than {limit} has been received")
+                append(header)
+                continue
+
+            only_indexed = False
+            if octet & 0x40:
+                # §6.2.1 literal with incremental indexing, 6-bit name index.
+                index = octet & 0x3F
+                if index == 0x3F:
+                    index, pos = _decode_int_tail(data, pos, index)
+                indexing = True
+                never = False
+            elif octet & 0x20:
+                # §6.3 dynamic table size update: only before the first field (§4.2).
+                if headers:
+                    raise HPACKDecodingError("Table size update not at the start of the block")
+                newsize = octet & 0x1F
+                if newsize == 0x1F:
+                    newsize, pos = _decode_int_tail(data, pos, newsize)
+                if newsize > self.max_allowed_table_size:
+                    raise InvalidTableSizeError("Encoder exceeded max allowable table size")
+                self._resize(newsize)
+                continue
+            else:
+                # §6.2.2 without indexing (0000) / §6.2.3 never indexed (0001), 4-bit name index.
+                index = octet & 0x0F
+                if index == 0x0F:
+                    index, pos = _decode_int_tail(data, pos, index)
+                indexing = False
+                never = bool(octet & 0x10)
+
+            if index:
+                try:
+                    name = table[index][0]
+                except IndexError:
+                    raise InvalidTableIndex(f"Invalid table index {index}") from None
+            else:
+                if pos >= end:
+                    raise HPACKDecodingError("Unable to decode HPACK integer representation: truncated")
+                octet = data[pos]
+                pos += 1
+                length = octet & 0x7F
+                if length == 0x7F:
+                    length, pos = _decode_int_tail(data, pos, length)
+                stop = pos + length
+                if stop > end:
+                    raise HPACKDecodingError("Truncated header block")
+                name = huffman_decode(data[pos:stop]) if octet & 0x80 else data[pos:stop]
+                pos = stop
+
+            if pos >= end:
+                raise HPACKDecodingError("Unable to decode HPACK integer representation: truncated")
+            octet = data[pos]
+            pos += 1
+            length = octet & 0x7F
+            if length == 0x7F:
+                length, pos = _decode_int_tail(data, pos, length)
+            stop = pos + length
+            if stop > end:
+                raise HPACKDecodingError("Truncated header block")
+            value = huffman_decode(data[pos:stop]) if octet & 0x80 else data[pos:stop]
+            pos = stop
+
+            entry_size = len(name) + len(value) + 32
+            header = NeverIndexedHeaderTuple(name, value) if never else (name, value)
+            if indexing:
+                # §4.4: an entry larger than the table empties it and is not added.
+                maxsize = self._maxsize
+                self._cache.clear()
+                if entry_size > maxsize:
+                    del table[_FIRST_DYNAMIC:]
+                    self._size = 0
+                else:
+                    table.insert(_FIRST_DYNAMIC, header)
+                    size = self._size + entry_size
+                    while size > maxsize:
+                        old = table.pop()
+                        size -= len(old[0]) + len(old[1]) + 32
+                    self._size = size
+            listsize += entry_size
+            if listsize > limit:
+                raise OversizedHeaderListError(f"A header list larger than {limit} has been received")
+            append(header)
+
+        if self._maxsize > self.max_allowed_table_size:
+            raise InvalidTableSizeError("Encoder did not shrink table size to within the max")
+        if only_indexed and headers and end <= self.BLOCK_CACHE_MAX_LEN:
+            cache = self._cache
+            if len(cache) >= self.BLOCK_CACHE_SIZE:
+                cache.clear()
+            cache[data] = (tuple(headers), listsize)
+        return headers if raw else self._to_str(headers)
+
+    @staticmethod
+    def _to_str(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+        try:
+            return [
+                (h[0].decode("utf-8"), h[1].decode("utf-8")) if type(h) is tuple
+                else cast("tuple[str, str]", NeverIndexedHeaderTuple(h[0].decode("utf-8"), h[1].decode("utf-8")))
+                for h in headers
+            ]
+        except UnicodeDecodeError as err:
+            raise HPACKDecodingError("Unable to decode headers as UTF-8") from err
+
+
+class Encoder:
+    """HPACK encoder, drop-in for ``hpack.Encoder`` as used by an HTTP/2 connection.
+
+    ``encode`` takes an iterable of ``(name, value)`` tuples (``bytes``, or ``str`` encoded as
+    UTF-8), :class:`hpack.HeaderTuple` / :class:`hpack.NeverIndexedHeaderTuple`, or
+    ``(name, value, sensitive)`` 3-tuples, or a mapping (pseudo-headers first), like hpack.
+    Differences from hpack 4.2, all producing blocks any RFC 7541 decoder reads the same way:
+
+    * h2's ``_secure_headers`` rule is applied here too: ``authorization``, ``proxy-authorization``
+      and ``cookie`` values shorter than 20 bytes are sent as literals never indexed (hpack itself
+      only honours NeverIndexedHeaderTuple / the 3-tuple flag).  As in hpack, a field whose exact
+      (name, value) is already in a table is still sent as an index.
+    * Huffman coding is used only where it is strictly shorter than the raw string.
+    * A field too large to ever fit the dynamic table is sent without indexing (hpack sends it
+      with incremental indexing, which empties both tables).
+    * Table size changes since the last block are signalled as the minimum then the final size
+      (RFC 7541 §4.2) rather than every intermediate value; setting the current value again
+      does not cancel a pending change (in hpack it does, leaving a shrink unsignalled).
+      A negative size raises ValueError.
+    * The dynamic table is searched by dict: exact match: static, then newest dynamic; name match:
+      lowest static index, then newest dynamic entry.
+    """
+
+    __slots__ = ("_block_cache", "_entries", "_full", "_maxsize", "_names", "_pending_min", "_seq", "_size")
+
+    #: Largest number of cached blocks; the cache is emptied when full.
+    BLOCK_CACHE_SIZE = 128
+
+    def __init__(self) -> None:
+        self._maxsize = DEFAULT_TABLE_SIZE
+        self._size = 0
+        # Dynamic entries, oldest on the left: (name, value, entry size).
+        self._entries: deque[tuple[bytes, bytes, int]] = deque()
+        self._seq = 0  # sequence number of the next inserted entry; newest = _seq - 1 = index 62
+        self._full: dict[tuple[bytes, bytes], int] = {}  # (name, value) -> seq of newest such entry
+        self._names: dict[bytes, int] = {}  # name -> seq of newest entry with that name
+        self._pending_min: int | None = None  # smallest table size set since the last block
+        # Blocks made only of indexed representations, valid while the dynamic table is unchanged.
+        self._block_cache: dict[tuple[object, ...], bytes] = {}
+
+    @property
+    def header_table_size(self) -> int:
+        """Dynamic table size (the peer's SETTINGS_HEADER_TABLE_SIZE). Changing it evicts as
+        needed and signals a size update at the start of the next block."""
+        return self._maxsize
+
+    @header_table_size.setter
+    def header_table_size(self, value: int) -> None:
+        value = int(value)
+        if value < 0:
+            raise ValueError(f"Invalid header table size {value}")
+        if value == self._maxsize:
+            return
+        pending = self._pending_min
+        self._pending_min = value if pending is None or value < pending else pending
+        self._maxsize = value
+        self._evict()
+        self._block_cache.clear()
+
+    @property
+    def table_size(self) -> int:
+        """Current size of the dynamic table (sum of entry sizes, §4.1)."""
+        return self._size
+
+    @property
+    def dynamic_table(self) -> list[tuple[bytes, bytes]]:
+        """The dynamic table's entries, newest first (index 62 first)."""
+        return [(n, v) for n, v, _ in reversed(self._entries)]
+
+    def _evict(self) -> None:
+        entries = self._entries
+        size = self._size
+        maxsize = self._maxsize
+        full = self._full
+        names = self._names
+        while size > maxsize:
+            seq = self._seq - len(entries)
+            name, value, entry_size = entries.popleft()
+            size -= entry_size
+            key = (name, value)
+            if full.get(key) == seq:
+                del full[key]
+            if names.get(name) == seq:
+                del names[name]
+        self._size = size
+
+    def encode(
+        self,
+        headers: Iterable[Header | StrHeader | tuple[bytes | str, bytes | str, bool]]
+        | Mapping[bytes, bytes]
+        | Mapping[str, str],
+        huffman: bool = True,
+    ) -> bytes:
+        """Encode one header block. ``huffman`` allows Huffman coding of literal strings."""
+        items: tuple[object, ...]
+        if type(headers) is list:
+            items = tuple(headers)
+        elif isinstance(headers, Mapping):
+            items = tuple(
+                sorted(headers.items(), key=lambda kv: not _to_bytes(kv[0]).startswith(b":"))
+            )
+        else:
+            items = tuple(headers)
+        cache = self._block_cache
+        pending = self._pending_min
+        if pending is None:
+            try:
+                cached = cache.get(items)
+            except TypeError:  # an unhashable field (a list): no caching
+                cached = None
+            if cached is not None:
+                return cached
+
+        parts: list[bytes] = []
+        append = parts.append
+        if pending is not None:
+            if pending < self._maxsize:
+                append(encode_integer(pending, 5, 0x20))
+            append(encode_integer(self._maxsize, 5, 0x20))
+            self._pending_min = None
+        static_full = _STATIC_FULL
+        dynamic_full = self._full
+        indexed = _INDEXED
+        only_indexed = True
+        seq0 = self._seq
+        for header in items:
+            try:
+                index = static_full.get(header)  # type: ignore[call-overload]
+                if index is None:
+                    seq = dynamic_full.get(header)  # type: ignore[call-overload]
+                    if seq is not None:
+                        index = _STATIC_LEN + self._seq - seq
+            except TypeError:
+                index = None
+            if index is not None:
+                append(indexed[index] if index < _INDEXED_LEN else encode_integer(index, 7, 0x80))
+            else:
+                only_indexed = False
+                append(self._encode_field(header, huffman))
+        block = b"".join(parts)
+        if self._seq != seq0:
+            cache.clear()
+        elif only_indexed and pending is None:
+            if len(cache) >= self.BLOCK_CACHE_SIZE:
+                cache.clear()
+            try:
+                cache[items] = block
+            except TypeError:
+                pass
+        return block
+
+    def _encode_field(self, header: Any, huffman: bool) -> bytes:
+        """The slow path: anything but an exact bytes match in a table."""
+        cls = type(header)
+        if cls is tuple or cls is HeaderTuple or cls is NeverIndexedHeaderTuple:
+            sensitive = cls is NeverIndexedHeaderTuple
+            if len(header) == 2:
+                name, value = header
+            else:
+                name, value = header[0], header[1]
+                sensitive = sensitive or bool(header[2])
+        else:
+            fields: tuple[Any, ...] = tuple(header)
+            name, value = fields[0], fields[1]
+            sensitive = (not header.indexable) if isinstance(header, HeaderTuple) else (
+                len(fields) > 2 and bool(fields[2]))
+        if type(name) is not bytes or type(value) is not bytes or len(header) != 2 or cls not in _HASHED:
+            # not yet looked up as an exact (bytes, bytes) pair
+            name = _to_bytes(name)
+            value = _to_bytes(value)
+            key = (name, value)
+            index = _STATIC_FULL.get(key)
+            if index is None:
+                seq = self._full.get(key)
+                if seq is not None:
+                    index = _STATIC_LEN + self._seq - seq
+            if index is not None:
+                return encode_integer(index, 7, 0x80)
+        else:
+            key = (name, value)
+
+        if not sensitive:
+            lname = name.lower()
+            sensitive = lname in _SENSITIVE_NAMES or (lname == b"cookie" and len(value) < _SHORT_COOKIE)
+        name_index = _STATIC_NAME.get(name)
+        if name_index is None:
+            seq = self._names.get(name)
+            if seq is not None:
+                name_index = _STATIC_LEN + self._seq - seq
+        entry_size = len(name) + len(value) + 32
+        if sensitive:
+            insert = False
+            prefix_bits, flags = 4, 0x10
+        elif entry_size > self._maxsize:
+            insert = False
+            prefix_bits, flags = 4, 0x00
+        else:
+            insert = True
+            prefix_bits, flags = 6, 0x40
+        if name_index is None:
+            out = bytes((flags,)) + _encode_string(name, huffman) + _encode_string(value, huffman)
+        else:
+            out = encode_integer(name_index, prefix_bits, flags) + _encode_string(value, huffman)
+        if insert:
+            seq = self._seq
+            self._seq = seq + 1
+            self._entries.append((name, value, entry_size))
+            self._full[key] = seq
+            self._names[name] = seq
+            self._size += entry_size
+            if self._size > self._maxsize:
+                self._evict()
+        return out
