@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import http
 import logging
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
@@ -71,6 +72,8 @@ log = logging.getLogger("rhttp_wsgi.proxy.forward")
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 StartResponse = Callable[..., Any]
+#: ``respond(status, header_block, body) -> sent?`` (see ``Forwarder.public_direct``).
+Respond = Callable[[int, bytes, bytes], bool]
 
 #: Request body chunk read from ``wsgi.input`` per write.
 CHUNK = 64 * 1024
@@ -85,6 +88,18 @@ _FORWARDING = frozenset({"forwarded", "x-forwarded-for", "x-forwarded-proto", "x
 _DROP = HOP_BY_HOP | frozenset({"host", "expect", "http2-settings"})
 #: RFC 3986 pchar plus "/" and "%": what may stay unescaped in :path.
 _PATH_SAFE = "/:@!$&'()*+,;=-._~"
+#: The same sets as bytes, for the direct path (h11's header names are bytes).
+_DROP_B = frozenset(n.encode("ascii") for n in _DROP)
+_FORWARDING_B = frozenset(n.encode("ascii") for n in _FORWARDING)
+_HOP_BY_HOP_B = frozenset(n.encode("ascii") for n in HOP_BY_HOP)
+_BAD_TARGET = re.compile(r"[ \r\n\x00\t#]")
+#: Response header lines the public side may write as they are: lowercase
+#: token names and values h11 would accept (see ``public.HEADER_BLOCK``).
+_RESPONSE_BLOCK = re.compile(rb"(?:[-!#$%&'*+.^_`|~0-9a-z]+: (?:[^\x00\s]+(?:[ \t]+[^\x00\s]+)*)?\r\n)*")
+#: Reason phrases, precomputed (``http.HTTPStatus`` lookups cost a few µs each).
+_REASONS: dict[int, str] = {int(st): st.phrase for st in http.HTTPStatus}
+#: The answer to a complete response sent through the public server's ``respond``.
+_ANSWERED: tuple[bytes, ...] = ()
 
 
 class Registry(Protocol):
@@ -131,8 +146,32 @@ class Forwarder:
         except BadRequest as e:
             log.info("%s %s: %d %s", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"), e.status, e)
             return _error(start_response, e.status, str(e))
+        return self._run(environ, start_response, method, headers, length, None, None)
+
+    def public_direct(self, environ: dict[str, Any], items: Sequence[tuple[bytes, bytes]], bodyless: bool,
+                      start_response: StartResponse, respond: Respond) -> Iterable[bytes]:
+        """The turnkey public server's entry (``public.PublicServer``), when it runs this forwarder bare.
+
+        Same answers as the WSGI call, cheaper: ``items`` are h11's request
+        headers (lowercase names, values h11 validated), mapped straight to
+        HTTP/2 (:func:`build_request_h11`, the same mapping as
+        :func:`build_request` on the environ the server built from them);
+        ``bodyless`` is h11's framing verdict (no peek at ``wsgi.input``); a
+        complete response goes out through ``respond(status, header_block,
+        body)`` in one write, and anything else through ``start_response``.
+        """
         try:
-            return self._forward(environ, start_response, method, headers, length)
+            method, headers, length = build_request_h11(environ, items, self.options)
+        except BadRequest as e:
+            log.info("%s %s: %d %s", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"), e.status, e)
+            return _error(start_response, e.status, str(e))
+        return self._run(environ, start_response, method, headers, length, bodyless, respond)
+
+    def _run(self, environ: dict[str, Any], start_response: StartResponse, method: str,
+             headers: list[tuple[bytes, bytes]], length: int | None, bodyless: bool | None,
+             respond: Respond | None) -> Iterable[bytes]:
+        try:
+            return self._forward(environ, start_response, method, headers, length, bodyless, respond)
         except UpstreamError as e:
             level = logging.INFO if isinstance(e, (NoWorkerAvailable, _ClientGone)) else logging.WARNING
             log.log(level, "%s %s: %d %s", method, environ.get("PATH_INFO"), e.status, e)
@@ -143,14 +182,17 @@ class Forwarder:
             return _error(start_response, e.status, f"could not read the request body: {e}")
 
     def _forward(self, environ: dict[str, Any], start_response: StartResponse, method: str,
-                 headers: list[tuple[bytes, bytes]], length: int | None) -> Iterable[bytes]:
+                 headers: list[tuple[bytes, bytes]], length: int | None, bodyless: bool | None = None,
+                 respond: Respond | None = None) -> Iterable[bytes]:
         body = environ.get("wsgi.input")
         gone = environ.get("rhttp.client_disconnected")
         client_gone: Callable[[], bool] | None = gone if callable(gone) else None
         # Unknown length (chunked upload): peek so a bodyless request ends the
         # stream with its HEADERS and stays retryable.
         first = b""
-        if length is None and body is not None and (
+        if bodyless:
+            has_body = False  # the public server's framing says so: no peek
+        elif length is None and body is not None and (
                 environ.get("wsgi.input_terminated") or "HTTP_TRANSFER_ENCODING" in environ):
             first = _read_client(body, CHUNK)
             has_body = bool(first)
@@ -208,13 +250,18 @@ class Forwarder:
                 self.registry.release(worker)
                 raise
             break
+        complete = ch.in_ended and ch.error is None
+        fast: tuple[int, bytes, bytes | None] | None = None
         try:
-            status, out_headers = _response_headers(resp, method)
+            if respond is not None and complete:
+                fast = _raw_response(resp)
+            if fast is None:
+                status, out_headers = _response_headers(resp, method)
         except BadGateway:
             _finish(ch)
             self.registry.release(worker)
             raise
-        if ch.in_ended and ch.error is None:
+        if complete:
             # The whole response is already here (the common small answer):
             # hand it over as one chunk with a Content-Length, so the public
             # side needs no chunked encoding and writes it in one go.
@@ -226,6 +273,18 @@ class Forwarder:
                 raise BadGateway(f"worker {worker.id} failed mid-response: {e}") from e
             _finish(ch)
             self.registry.release(worker)
+            if fast is not None:
+                assert respond is not None
+                code, block, declared_b = fast
+                no_body = method == "HEAD" or code == 204 or code == 304
+                if declared_b is None and not no_body:
+                    block += b"content-length: %d\r\n" % len(data)
+                elif declared_b is not None and not no_body and int(declared_b) != len(data):
+                    raise BadGateway(f"worker {worker.id} sent {len(data)} bytes for a Content-Length"
+                                     f" of {declared_b.decode()}")
+                if respond(code, block, data):
+                    return _ANSWERED
+                status, out_headers = _response_headers(resp, method)
             bodyless = method == "HEAD" or status[:3] in ("204", "304")
             declared = next((v for k, v in out_headers if k == "content-length"), None)
             if declared is None and not bodyless:
@@ -422,11 +481,34 @@ def _request_path(environ: Mapping[str, Any]) -> bytes:
             query = environ.get("QUERY_STRING")
             if query:
                 path += "?" + str(query)
-    if any(c in path for c in " \r\n\x00\t#"):
+    if _BAD_TARGET.search(path):
         raise BadRequest("invalid characters in the request target")
     if not path.startswith("/") and path != "*":
         path = "/" + path
     return _encode(path, "the request target")
+
+
+def _authority(environ: Mapping[str, Any], scheme: str) -> bytes:
+    host = environ.get("HTTP_HOST")
+    if not host:
+        name = str(environ.get("SERVER_NAME", "localhost"))
+        port = str(environ.get("SERVER_PORT", ""))
+        default = "443" if scheme == "https" else "80"
+        host = name if not port or port == default else f"{name}:{port}"
+    authority = _encode(str(host), "Host")
+    if not authority or any(c in authority for c in b" /?#@"):
+        raise BadRequest("invalid Host header")
+    return authority
+
+
+def _content_length(environ: Mapping[str, Any]) -> int | None:
+    cl = environ.get("CONTENT_LENGTH")
+    if cl in (None, ""):
+        return None
+    text = str(cl).strip()
+    if not text.isdigit():
+        raise BadRequest(f"invalid Content-Length {text[:40]!r}")
+    return int(text)
 
 
 def build_request(environ: Mapping[str, Any], options: ProxyOptions
@@ -441,24 +523,10 @@ def build_request(environ: Mapping[str, Any], options: ProxyOptions
     if method == "CONNECT":
         raise BadRequest("CONNECT is not supported", 405)
     scheme = str(environ.get("wsgi.url_scheme", "http"))
-    host = environ.get("HTTP_HOST")
-    if not host:
-        name = str(environ.get("SERVER_NAME", "localhost"))
-        port = str(environ.get("SERVER_PORT", ""))
-        default = "443" if scheme == "https" else "80"
-        host = name if not port or port == default else f"{name}:{port}"
-    authority = _encode(str(host), "Host")
-    if not authority or any(c in authority for c in b" /?#@"):
-        raise BadRequest("invalid Host header")
+    authority = _authority(environ, scheme)
     path = _request_path(environ)
 
-    length: int | None = None
-    cl = environ.get("CONTENT_LENGTH")
-    if cl not in (None, ""):
-        text = str(cl).strip()
-        if not text.isdigit():
-            raise BadRequest(f"invalid Content-Length {text[:40]!r}")
-        length = int(text)
+    length = _content_length(environ)
     # Tokens listed in Connection are hop-by-hop too (RFC 9110 §7.6.1).
     connection_tokens = {t.strip().lower() for t in str(environ.get("HTTP_CONNECTION", "")).split(",")
                          if t.strip()}
@@ -518,6 +586,88 @@ def build_request(environ: Mapping[str, Any], options: ProxyOptions
     return method, headers, length
 
 
+def build_request_h11(environ: Mapping[str, Any], items: Sequence[tuple[bytes, bytes]],
+                      options: ProxyOptions) -> tuple[str, list[tuple[bytes, bytes]], int | None]:
+    """:func:`build_request` for the turnkey public server, from h11's request headers.
+
+    ``items`` are (lowercase name, value) as h11 parsed and validated them
+    (token names; values without CR, LF, NUL or surrounding whitespace), and
+    ``environ`` is what ``public.py`` built from the same request.  The result
+    is the one :func:`build_request` gives for that environ (same headers,
+    same order, same joining of repeated fields), without the round trip
+    through environ keys and str.
+    """
+    method = str(environ["REQUEST_METHOD"])  # an h11-validated token
+    if method == "CONNECT":
+        raise BadRequest("CONNECT is not supported", 405)
+    scheme = str(environ.get("wsgi.url_scheme", "http"))
+    authority = _authority(environ, scheme)
+    path = _request_path(environ)
+    length = _content_length(environ)
+    # The fields as the environ holds them: repeated ones joined with ", ",
+    # Content-Type last wins, names with "_" left out, Cookie joined with "; "
+    # and last.
+    fields: dict[bytes, bytes] = {}
+    cookies: list[bytes] = []
+    for name, value in items:
+        if name == b"cookie":
+            cookies.append(value)
+        elif name == b"content-type":
+            fields[name] = value
+        elif name == b"content-length" or b"_" in name:
+            continue
+        else:
+            prev = fields.get(name)
+            fields[name] = value if prev is None else prev + b", " + value
+    if cookies:
+        fields[b"cookie"] = b"; ".join(cookies)
+    conn = fields.get(b"connection")
+    connection_tokens = ({t.strip().lower() for t in conn.split(b",") if t.strip()} if conn is not None
+                         else frozenset())
+    te = fields.get(b"te")
+    te_trailers = te is not None and b"trailers" in {t.split(b";")[0].strip().lower() for t in te.split(b",")}
+    trusted = options.trust_forwarded
+    headers: list[tuple[bytes, bytes]] = [
+        (b":method", method.encode("ascii")),
+        (b":scheme", scheme.encode("ascii", "replace")),
+        (b":authority", authority),
+        (b":path", path),
+    ]
+    client_xff: bytes | None = None
+    client_proto: bytes | None = None
+    client_host: bytes | None = None
+    for name, value in fields.items():
+        if name in _DROP_B or name in connection_tokens:
+            continue
+        if name == b"content-type" and not value:
+            continue
+        if name in _FORWARDING_B:
+            if not trusted:
+                continue
+            if name == b"x-forwarded-for":
+                client_xff = value
+                continue
+            if name == b"x-forwarded-proto":
+                client_proto = value
+            elif name == b"x-forwarded-host":
+                client_host = value
+        # (joining may have left an empty last element: strip as _encode does)
+        headers.append((name, value.strip(b" \t")))
+    if length is not None:
+        headers.append((b"content-length", str(length).encode("ascii")))
+    if te_trailers:
+        headers.append((b"te", b"trailers"))
+    remote = str(environ.get("REMOTE_ADDR", ""))
+    if remote:
+        addr = remote.encode("latin-1", "replace")
+        headers.append((b"x-forwarded-for", client_xff + b", " + addr if client_xff else addr))
+    if client_proto is None:
+        headers.append((b"x-forwarded-proto", scheme.encode("ascii", "replace")))
+    if client_host is None:
+        headers.append((b"x-forwarded-host", authority))
+    return method, headers, length
+
+
 def _response_headers(resp: list[tuple[bytes, bytes]], method: str) -> tuple[str, list[tuple[str, str]]]:
     """Validate the worker's response headers; returns (WSGI status, WSGI headers)."""
     status_b = None
@@ -545,24 +695,53 @@ def _response_headers(resp: list[tuple[bytes, bytes]], method: str) -> tuple[str
             if len(lengths) > 1 or not value.strip().isdigit():
                 raise BadGateway("the worker sent an invalid Content-Length")
         out.append((text_name, text_value))
+    code = _status_code(status_b)
+    return f"{code} {_REASONS.get(code, 'Unknown')}", out
+
+
+def _status_code(status_b: bytes | None) -> int:
     if status_b is None or len(status_b) != 3 or not status_b.isdigit():
         raise BadGateway(f"the worker sent an invalid :status {status_b!r}")
     code = int(status_b)
     if not 200 <= code <= 599:
         raise BadGateway(f"the worker sent an unusable status {code}")
-    try:
-        reason = http.HTTPStatus(code).phrase
-    except ValueError:
-        reason = "Unknown"
-    return f"{code} {reason}", out
+    return code
+
+
+def _raw_response(resp: list[tuple[bytes, bytes]]) -> tuple[int, bytes, bytes | None] | None:
+    """The worker's response as (status, HTTP/1.1 header block, declared Content-Length).
+
+    The same checks as :func:`_response_headers` (raising the same
+    ``BadGateway``), on bytes: the block is the lines the public server may
+    write as they are.  None when some name or value is not plainly valid
+    (then :func:`_response_headers` and the WSGI path decide, as before).
+    """
+    status_b = None
+    declared: bytes | None = None
+    lines: list[bytes] = []
+    for name, value in resp:
+        if name[:1] == b":":
+            if name == b":status":
+                status_b = value
+                continue
+            raise BadGateway(f"the worker sent the pseudo-header {name!r} in a response")
+        if name in _HOP_BY_HOP_B:
+            continue
+        if name == b"content-length":
+            v = value.strip()
+            if (declared is not None and v != declared) or not v.isdigit():
+                raise BadGateway("the worker sent an invalid Content-Length")
+            declared = v
+        lines.append(name + b": " + value + b"\r\n")
+    block = b"".join(lines)
+    if not _RESPONSE_BLOCK.fullmatch(block):
+        return None
+    return _status_code(status_b), block, declared
 
 
 def _error(start_response: StartResponse, status: int, message: str,
            extra: list[tuple[str, str]] | None = None) -> list[bytes]:
-    try:
-        reason = http.HTTPStatus(status).phrase
-    except ValueError:
-        reason = "Client Closed Request" if status == 499 else "Error"
+    reason = _REASONS.get(status) or ("Client Closed Request" if status == 499 else "Error")
     body = f"{status} {reason}: {message}\n".encode("utf-8", "replace")
     headers = [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body))),
                ("Cache-Control", "no-store")]

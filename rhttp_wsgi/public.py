@@ -84,6 +84,15 @@ _END_OF_HEAD = re.compile(rb"\n\r?\n")
 #: A header line that starts with SP/HTAB: obs-fold (RFC 9112 §5.2).
 _OBS_FOLD = re.compile(rb"\n[ \t]")
 _CONTENT_LENGTH_LINE = re.compile(rb"(?im)^content-length[ \t]*:([^\r\n]*)")
+#: A block of response header lines as h11 would accept and write them: token
+#: names, field values (h11's ``field_value``: no NUL, no whitespace other
+#: than inner SP/HTAB), each line ended by CRLF.  One C-level match per
+#: response replaces h11's per-header validation on the fast path.
+HEADER_BLOCK = re.compile(rb"(?:[-!#$%&'*+.^_`|~0-9a-zA-Z]+: (?:[^\x00\s]+(?:[ \t]+[^\x00\s]+)*)?\r\n)*")
+#: reason-phrase = *( HTAB / SP / VCHAR / obs-text ) (RFC 9112 §4)
+_REASON = re.compile(rb"[\t \x21-\x7e\x80-\xff]*")
+#: Status code -> reason phrase (bytes), precomputed.
+REASONS: dict[int, bytes] = {int(st): st.phrase.encode("latin-1") for st in http.HTTPStatus}
 
 
 class RequestBodyError(ValueError):
@@ -258,6 +267,12 @@ class PublicServer:
         name: str = "rhttp-public",
     ) -> None:
         self.app = app
+        #: The forwarder's direct entry (``Forwarder.public_direct``) when the
+        #: app *is* the forwarder, with no middleware in between: it maps h11's
+        #: already-validated request headers straight to HTTP/2 and answers a
+        #: complete response through ``_Response.respond``.  Any other app
+        #: (or a wrapped forwarder) takes the plain WSGI path.
+        self.direct: Callable[..., Iterable[bytes]] | None = getattr(app, "public_direct", None)
         self.ssl_context = ssl_context
         self.header_timeout = header_timeout
         self.idle_timeout = idle_timeout
@@ -367,6 +382,20 @@ class _Connection:
         self.must_close = False
         self.requests = 0
         self._lock = threading.Lock()
+        #: The socket timeout last set (``settimeout`` costs a syscall: only
+        #: called when the wanted value differs, see ``_set_timeout``).
+        self._timeout: float | None = None
+        #: The per-connection part of every environ (built on first use).
+        self._base_environ: dict[str, Any] | None = None
+        #: The current request's headers as (lowercase name, value).
+        self.request_headers: list[tuple[bytes, bytes]] = []
+        #: h11's keep-alive verdict for the current request.
+        self.keep_alive = True
+        #: The current request has no body (no Content-Length, no Transfer-Encoding).
+        self.bodyless = True
+        #: The response went out without h11 (the fast path): h11's side of the
+        #: cycle is stale and the next cycle starts on a fresh h11.Connection.
+        self.bypassed = False
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:  # pragma: no cover
@@ -379,6 +408,7 @@ class _Connection:
         if s.ssl_context is not None:
             try:
                 self.raw.settimeout(s.header_timeout)
+                self._timeout = s.header_timeout
                 tls = s.ssl_context.wrap_socket(self.raw, server_side=True, do_handshake_on_connect=False)
                 # wrap_socket() detached the plain socket: from now on the
                 # SSLSocket owns the descriptor.
@@ -403,12 +433,26 @@ class _Connection:
                 return
             if not keep or s.stopping.is_set():
                 return
-            if self.h11.our_state is not h11.DONE or self.h11.their_state is not h11.DONE:
-                return
-            try:
-                self.h11.start_next_cycle()
-            except h11.LocalProtocolError:
-                return
+            if self.bypassed:
+                # Our response went out without h11: carry whatever the client
+                # already sent (pipelining) over to a fresh state machine.
+                self.bypassed = False
+                their = self.h11.their_state
+                if their is not h11.DONE and not (their is h11.SEND_BODY and self.bodyless):
+                    return
+                data, closed = self.h11.trailing_data
+                self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=s.max_head)
+                if data:
+                    self.h11.receive_data(data)
+                if closed:
+                    self.h11.receive_data(b"")
+            else:
+                if self.h11.our_state is not h11.DONE or self.h11.their_state is not h11.DONE:
+                    return
+                try:
+                    self.h11.start_next_cycle()
+                except h11.LocalProtocolError:
+                    return
             with self._lock:
                 if s.stopping.is_set():
                     return
@@ -454,23 +498,46 @@ class _Connection:
 
     # -- I/O ------------------------------------------------------------------------
 
+    def _set_timeout(self, timeout: float) -> bool:
+        """Make the socket timeout at most ``timeout`` (and at least 98% of it).
+
+        Returns True when the timeout in force is shorter than ``timeout``
+        (the caller retries a recv that timed out early).  Performance: a
+        kept-alive connection asks for ~the same value again and again, and
+        each ``settimeout`` is an ``ioctl``.
+        """
+        cur = self._timeout
+        if cur is not None and timeout * 0.98 <= cur <= timeout:
+            return cur != timeout
+        self.sock.settimeout(timeout)
+        self._timeout = timeout
+        return False
+
     def _recv(self, timeout: float) -> bytes:
         if timeout <= 0:
             raise TimeoutError("deadline passed")
-        self.sock.settimeout(timeout)
+        deadline = time.monotonic() + timeout if self._set_timeout(timeout) else 0.0
         try:
             return self.sock.recv(RECV_SIZE)
         except ssl.SSLError as e:
             raise _Closed(str(e)) from e
+        except TimeoutError:
+            if not deadline:
+                raise
+        # The timeout in force was slightly shorter than asked: wait out the rest.
+        return self._recv(deadline - time.monotonic())
+
+    def _write(self, data: bytes) -> None:
+        self._set_timeout(self.server.idle_timeout)
+        try:
+            self.sock.sendall(data)
+        except OSError as e:
+            raise _Closed(f"write failed: {e}") from e
 
     def _send(self, *events: Any) -> None:
         data = b"".join(self.h11.send(ev) or b"" for ev in events)
         if data:
-            self.sock.settimeout(self.server.idle_timeout)
-            try:
-                self.sock.sendall(data)
-            except OSError as e:
-                raise _Closed(f"write failed: {e}") from e
+            self._write(data)
 
     def _next_event(self, timeout: float) -> Any:
         """Next h11 event for the current request body, each recv bounded by ``timeout``."""
@@ -490,13 +557,20 @@ class _Connection:
         # The raw bytes of this head (starting with what a pipelining client
         # already sent), for the framing checks h11 cannot do after it merged
         # or unfolded header lines.  h11 caps the head at max_head.
-        head = bytearray(self.h11.trailing_data[0])
+        pending, closed = self.h11.trailing_data
+        head = bytearray(pending)
+        # Nothing buffered: h11 could only say NEED_DATA, so go straight to recv.
+        skip = not pending and not closed and self.h11.their_state is h11.IDLE
         while True:
-            try:
-                ev = self.h11.next_event()
-            except h11.RemoteProtocolError as e:
-                self._protocol_error(e)
-                return None
+            if skip:
+                skip = False
+                ev: Any = h11.NEED_DATA
+            else:
+                try:
+                    ev = self.h11.next_event()
+                except h11.RemoteProtocolError as e:
+                    self._protocol_error(e)
+                    return None
             if ev is h11.NEED_DATA:
                 try:
                     data = self._recv(deadline - time.monotonic())
@@ -514,17 +588,23 @@ class _Connection:
                 self.h11.receive_data(data)
                 continue
             if isinstance(ev, h11.Request):
+                items = _header_items(ev.headers)
+                self.request_headers = items
                 # h11 checks the size of an *incomplete* head only; a complete
                 # one that arrived in one read is measured here.
-                size = len(ev.method) + len(ev.target) + sum(len(k) + len(v) + 4 for k, v in ev.headers)
+                size = len(ev.method) + len(ev.target) + sum([len(k) + len(v) + 4 for k, v in items])
                 if size > s.max_head:
                     self._simple_error(431, f"request head larger than {s.max_head} bytes")
                     return None
-                problem = _framing_problem(ev, bytes(head))
+                problem = _framing_problem(ev, items, bytes(head))
                 if problem is not None:
                     log.info("%s: refused request from %s: %s (400)", s.name, self.addr, problem)
                     self._simple_error(400, problem)
                     return None
+                self.keep_alive = _keep_alive(ev, items)
+                length = _content_length(items)
+                self.bodyless = (length == 0 if length is not None
+                                 else all(k != b"transfer-encoding" for k, _ in items))
                 return ev
             return None  # ConnectionClosed, or a client that sent something else
 
@@ -550,6 +630,7 @@ class _Connection:
             k + b": " + v + b"\r\n" for k, v in headers) + b"\r\n" + body
         try:
             self.sock.settimeout(1.0)
+            self._timeout = 1.0
             self.sock.sendall(raw)
         except OSError:
             pass
@@ -563,7 +644,7 @@ class _Connection:
             self._simple_error(405, "CONNECT is not supported")
             return False
         if s.max_body:
-            length = _content_length(req)
+            length = _content_length(self.request_headers)
             if length is not None and length > s.max_body:
                 self._simple_error(413, f"request body larger than {s.max_body} bytes")
                 return False
@@ -575,8 +656,14 @@ class _Connection:
         resp = _Response(self, req.method == b"HEAD")
         result: Iterable[bytes] | None = None
         try:
-            result = s.app(environ, resp.start_response)
-            if (isinstance(result, (list, tuple)) and len(result) == 1 and resp.headers is not None
+            direct = s.direct
+            if direct is not None:
+                result = direct(environ, self.request_headers, self.bodyless, resp.start_response, resp.respond)
+            else:
+                result = s.app(environ, resp.start_response)
+            if resp.complete:
+                pass  # answered through respond()
+            elif (isinstance(result, (list, tuple)) and len(result) == 1 and resp.headers is not None
                     and not resp.sent):
                 resp.single(bytes(result[0]))
             else:
@@ -621,7 +708,7 @@ class _Connection:
             # e.g. a 408 for a stalled body: waiting to drain the rest of
             # that body would only hold the connection longer.
             return False
-        if self.h11.their_state is h11.SEND_BODY:
+        if self.h11.their_state is h11.SEND_BODY and not (self.bypassed and self.bodyless):
             return self._drain_body()
         return True
 
@@ -645,7 +732,6 @@ class _Connection:
         return False
 
     def _environ(self, req: h11.Request) -> dict[str, Any]:
-        s = self.server
         target = req.target
         host_override = None
         if target == b"*":
@@ -664,31 +750,20 @@ class _Connection:
             elif not target.startswith(b"/"):
                 raise ValueError("request target must be origin-form")
             path, _, query = target.partition(b"?")
-        local = self.raw.getsockname()
-        environ: dict[str, Any] = {
-            "REQUEST_METHOD": req.method.decode("latin-1"),
-            "SCRIPT_NAME": "",
-            "PATH_INFO": unquote_to_bytes(path).decode("latin-1") if path != b"*" else "*",
-            "QUERY_STRING": query.decode("latin-1"),
-            "RAW_URI": target.decode("latin-1"),
-            "REQUEST_URI": target.decode("latin-1"),
-            "SERVER_NAME": str(local[0]),
-            "SERVER_PORT": str(local[1]),
-            "SERVER_PROTOCOL": "HTTP/" + req.http_version.decode("latin-1"),
-            "REMOTE_ADDR": str(self.addr[0]) if isinstance(self.addr, tuple) else "",
-            "REMOTE_PORT": str(self.addr[1]) if isinstance(self.addr, tuple) else "",
-            "wsgi.version": (1, 0),
-            "wsgi.url_scheme": s.url_scheme,
-            "wsgi.input": _Input(self, _content_length(req)),
-            "wsgi.errors": _LogStream(),
-            "wsgi.multithread": True,
-            "wsgi.multiprocess": False,
-            "wsgi.run_once": False,
-            "wsgi.input_terminated": True,
-            "rhttp.client_disconnected": self.client_gone,
-        }
+        base = self._base_environ
+        if base is None:
+            base = self._base_environ = self._make_base_environ()
+        environ = base.copy()
+        uri = target.decode("latin-1")
+        environ["REQUEST_METHOD"] = req.method.decode("latin-1")
+        environ["PATH_INFO"] = (unquote_to_bytes(path) if b"%" in path else path).decode("latin-1")
+        environ["QUERY_STRING"] = query.decode("latin-1")
+        environ["RAW_URI"] = environ["REQUEST_URI"] = uri
+        environ["SERVER_PROTOCOL"] = "HTTP/1.1" if req.http_version == b"1.1" else (
+            "HTTP/" + req.http_version.decode("latin-1"))
+        environ["wsgi.input"] = _Input(self, _content_length(self.request_headers))
         cookies: list[str] = []
-        for name_b, value_b in req.headers:
+        for name_b, value_b in self.request_headers:
             name = name_b.decode("latin-1")
             value = value_b.decode("latin-1")
             if name == "content-length":
@@ -713,14 +788,34 @@ class _Connection:
             environ["HTTP_HOST"] = host_override.decode("latin-1")
         return environ
 
+    def _make_base_environ(self) -> dict[str, Any]:
+        """What every request on this connection shares (``getsockname`` once)."""
+        local = self.raw.getsockname()
+        peer = self.addr if isinstance(self.addr, tuple) else None
+        return {
+            "SCRIPT_NAME": "",
+            "SERVER_NAME": str(local[0]),
+            "SERVER_PORT": str(local[1]),
+            "REMOTE_ADDR": str(peer[0]) if peer else "",
+            "REMOTE_PORT": str(peer[1]) if peer else "",
+            "wsgi.version": (1, 0),
+            "wsgi.url_scheme": self.server.url_scheme,
+            "wsgi.errors": _LogStream(),
+            "wsgi.multithread": True,
+            "wsgi.multiprocess": False,
+            "wsgi.run_once": False,
+            "wsgi.input_terminated": True,
+            "rhttp.client_disconnected": self.client_gone,
+        }
 
-def _framing_problem(req: h11.Request, head: bytes) -> str | None:
+
+def _framing_problem(req: h11.Request, items: list[tuple[bytes, bytes]], head: bytes) -> str | None:
     """Why a request's framing is ambiguous (400 and close), or None.
 
     ``head`` holds the raw bytes received for this request (possibly followed
     by body bytes or, when truncated at max_head, missing its end).
     """
-    names = {k for k, _ in req.headers}
+    names = {k for k, _ in items}
     if b"transfer-encoding" in names:
         if b"content-length" in names:
             return "both Content-Length and Transfer-Encoding (RFC 9112 §6.1)"
@@ -737,18 +832,39 @@ def _framing_problem(req: h11.Request, head: bytes) -> str | None:
     return None
 
 
-def _content_length(req: h11.Request) -> int | None:
-    for k, v in req.headers:
+def _content_length(items: list[tuple[bytes, bytes]]) -> int | None:
+    for k, v in items:
         if k == b"content-length":
             return int(v)  # h11 validated it
     return None
 
 
 def _reason(status: int) -> str:
-    try:
-        return http.HTTPStatus(status).phrase
-    except ValueError:
-        return "Unknown"
+    phrase = REASONS.get(status)
+    return "Unknown" if phrase is None else phrase.decode("latin-1")
+
+
+def _header_items(headers: Any) -> list[tuple[bytes, bytes]]:
+    """h11's request headers as a list of (lowercase name, value).
+
+    Iterating ``h11.Headers`` goes through ``Sequence.__getitem__`` per item;
+    its ``_full_items`` (raw name, lowercase name, value) is read directly when
+    present (h11 >= 0.10), else the public iteration is used.
+    """
+    full = getattr(headers, "_full_items", None)
+    if full is not None:
+        return [(name, value) for _, name, value in full]
+    return list(headers)
+
+
+def _keep_alive(req: h11.Request, items: list[tuple[bytes, bytes]]) -> bool:
+    """h11's own keep-alive rule for a request (``h11._connection._keep_alive``)."""
+    if req.http_version < b"1.1":
+        return False
+    for name, value in items:
+        if name == b"connection" and b"close" in [t.strip().lower() for t in value.split(b",")]:
+            return False
+    return True
 
 
 class _LogStream(io.TextIOBase):
@@ -879,6 +995,9 @@ class _Input(io.RawIOBase):
 class _Response:
     """Status and headers chosen by the app, and whether they went out."""
 
+    __slots__ = ("close_after", "complete", "conn", "has_length", "head", "headers", "no_body", "reason",
+                 "sent", "status")
+
     def __init__(self, conn: _Connection, head: bool) -> None:
         self.conn = conn
         self.head = head
@@ -887,6 +1006,8 @@ class _Response:
         self.headers: list[tuple[bytes, bytes]] | None = None
         self.has_length = False
         self.sent = False
+        #: The whole response went out through the fast path (``respond``/``single``).
+        self.complete = False
         self.no_body = head
         self.close_after = False
 
@@ -947,8 +1068,67 @@ class _Response:
         if not self.no_body:
             self.conn._send(h11.Data(data=bytes(data)))
 
+    def respond(self, status: int, block: bytes, body: bytes) -> bool:
+        """Send a complete response in one write, without h11 (the forwarder's fast path).
+
+        ``block`` holds the header lines (``name: value\\r\\n`` each, lowercase
+        names, no hop-by-hop header) and must frame the body as h11 would:
+        a ``content-length`` equal to ``len(body)`` unless the status or the
+        method (HEAD) has no body, where a HEAD answer needs its
+        ``content-length``.  Returns False, having sent nothing, when it cannot
+        take this path (the caller then uses ``start_response``).
+        """
+        if self.headers is not None or self.sent:
+            return False
+        reason = REASONS.get(status)
+        if reason is None or status < 200 or not HEADER_BLOCK.fullmatch(block):
+            return False
+        if (self.head and status not in _NO_BODY_STATUS and not block.startswith(b"content-length: ")
+                and b"\ncontent-length: " not in block):
+            return False  # h11 would frame a length-less HEAD answer as chunked: let it
+        self.status = status
+        self.no_body = self.head or status in _NO_BODY_STATUS
+        return self._write_whole(reason, block, body)
+
+    def _write_whole(self, reason: bytes, block: bytes, body: bytes) -> bool:
+        """Status line + header block + body in one ``sendall``; h11 is left out of this cycle."""
+        c = self.conn
+        if c.h11.they_are_waiting_for_100_continue or c.h11.our_state is not h11.SEND_RESPONSE:
+            return False
+        if self.close_after or c.must_close or not c.keep_alive or c.server.stopping.is_set():
+            block += b"connection: close\r\n"
+            self.close_after = True
+        self.sent = self.complete = True
+        c.bypassed = True
+        c._write(b"HTTP/1.1 %d %s\r\n%s\r\n%s" % (self.status, reason, block,
+                                                     b"" if self.no_body else body))
+        return True
+
+    def _try_fast(self, body: bytes) -> bool:
+        """``single()`` without h11: app headers validated once as a block."""
+        assert self.headers is not None
+        if not _REASON.fullmatch(self.reason):
+            return False
+        if self.has_length:
+            lengths = [v for k, v in self.headers if k == b"content-length"]
+            if len(lengths) != 1 or lengths[0] != b"%d" % len(body):
+                return False  # h11 has the precise rules (and errors) for these
+            length_line = b""
+        elif self.no_body:
+            if self.head and self.status not in _NO_BODY_STATUS:
+                return False  # h11 frames a length-less HEAD answer as chunked
+            length_line = b""
+        else:
+            length_line = b"content-length: %d\r\n" % len(body)
+        block = b"".join([k + b": " + v + b"\r\n" for k, v in self.headers]) + length_line
+        if not HEADER_BLOCK.fullmatch(block):
+            return False
+        return self._write_whole(self.reason, block, body)
+
     def single(self, body: bytes) -> None:
         """The whole body is known: send it with a Content-Length in one write."""
+        if self._try_fast(body):
+            return
         extra = None
         if not self.has_length and not self.no_body:
             extra = [(b"content-length", b"%d" % len(body))]
