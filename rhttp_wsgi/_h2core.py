@@ -314,6 +314,9 @@ class H2Core:
         if st is None:
             if not self.client_side or stream_id % 2 == 0 or stream_id <= self.highest_outbound_stream_id:
                 raise h2x.StreamClosedError(stream_id)
+            if stream_id > MAX_WINDOW:
+                # RFC 9113 §4.1/§5.1.1: stream ids are 31 bits; the reserved bit MUST stay unset.
+                raise h2x.NoAvailableStreamIDError(f"stream id {stream_id} above 2^31-1")
             if self.open_outbound_streams >= self.remote_settings.max_concurrent_streams:
                 raise h2x.TooManyStreamsError("peer's SETTINGS_MAX_CONCURRENT_STREAMS reached")
             if self.validate_outbound:

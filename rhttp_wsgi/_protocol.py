@@ -243,9 +243,11 @@ class TunnelProtocol:
                 return []
         if not self._first_frame_checked:
             self._head += data[: 9 - len(self._head)]
-            if len(self._head) >= 4:
+            # Type (byte 4) and flags (byte 5): a first SETTINGS *ACK* is as wrong as any other frame,
+            # however the bytes are split across reads.
+            if len(self._head) >= 5:
                 self._first_frame_checked = True
-                if self._head[3] != _SETTINGS_FRAME_TYPE or (len(self._head) >= 5 and self._head[4] & 1):
+                if self._head[3] != _SETTINGS_FRAME_TYPE or self._head[4] & 1:
                     self._fail(ErrorCodes.PROTOCOL_ERROR)
                     raise ProtocolViolation("the peer's first frame was not SETTINGS (RFC 9113 §3.4)")
         try:
