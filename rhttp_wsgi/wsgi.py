@@ -41,16 +41,22 @@ class BadRequest(Exception):
 
 
 class WSGIContext:
-    """What a tunnel's requests share: the app, the policy, the peer."""
+    """What a tunnel's requests share: the app, the policy, the peer.
+
+    ``static_environ`` holds every environ key whose value is the same for all
+    of the tunnel's requests (PEP 3333 constants, ``REMOTE_ADDR``/``REMOTE_PORT``,
+    ``rhttp.draining``, ``rhttp.peer_certificate``); :func:`build_environ` copies
+    it in one go.  The peer attributes are properties that keep it in step.
+    """
 
     __slots__ = (
+        "_draining",
+        "_peer_certificate",
+        "_remote_addr",
+        "_remote_port",
         "app",
         "body_min_rate",
         "body_timeout",
-        "draining",
-        "peer_certificate",
-        "remote_addr",
-        "remote_port",
         "request_count",
         "server_name",
         "static_environ",
@@ -77,6 +83,42 @@ class WSGIContext:
         self.body_timeout = body_timeout or None
         #: With body_timeout: the slowest average body rate (bytes/s, 0 = none).
         self.body_min_rate = body_min_rate
+
+    @property
+    def remote_addr(self) -> str:
+        return self._remote_addr
+
+    @remote_addr.setter
+    def remote_addr(self, value: str) -> None:
+        self._remote_addr = value
+        self.static_environ["REMOTE_ADDR"] = value
+
+    @property
+    def remote_port(self) -> int:
+        return self._remote_port
+
+    @remote_port.setter
+    def remote_port(self, value: int) -> None:
+        self._remote_port = value
+        self.static_environ["REMOTE_PORT"] = str(value)
+
+    @property
+    def peer_certificate(self) -> Any:
+        return self._peer_certificate
+
+    @peer_certificate.setter
+    def peer_certificate(self, value: Any) -> None:
+        self._peer_certificate = value
+        self.static_environ["rhttp.peer_certificate"] = value
+
+    @property
+    def draining(self) -> threading.Event:
+        return self._draining
+
+    @draining.setter
+    def draining(self, value: threading.Event) -> None:
+        self._draining = value
+        self.static_environ["rhttp.draining"] = value
 
 
 class InputStream:
@@ -220,51 +262,53 @@ class FileWrapper:
             yield data
 
 
-def _latin1(b: bytes) -> str:
-    return b.decode("latin-1")
-
-
 def build_environ(ch: Channel, ctx: WSGIContext) -> dict[str, Any]:
     """The environ for one request, to the letter of PEP 3333."""
-    method = scheme = authority = path = None
-    host = None
-    cookies: list[str] = []
+    method = scheme = authority = path = host = cookie = None
     # The keys that never change, copied in one go (cheaper than setting them per request).
     environ: dict[str, Any] = ctx.static_environ.copy()
+    http_keys = _HTTP_KEYS
     assert ch.headers is not None
     for name_b, value_b in ch.headers:
-        if name_b[:1] == b":":
-            if name_b == b":method":
-                method = _latin1(value_b)
-            elif name_b == b":path":
-                path = value_b
-            elif name_b == b":authority":
-                authority = _latin1(value_b)
-            elif name_b == b":scheme":
-                scheme = _latin1(value_b)
-            continue
-        name = _latin1(name_b)
-        value = _latin1(value_b)
-        if name == "content-length":
-            if not value.isdigit():
-                raise BadRequest(400, f"invalid content-length {value!r}")
-            old = environ.get("CONTENT_LENGTH")
-            if old is not None and old != value:
-                raise BadRequest(400, "conflicting content-length values")
-            environ["CONTENT_LENGTH"] = value
-            continue
-        if name == "content-type":
-            environ["CONTENT_TYPE"] = value
-            continue
-        if name == "cookie":
-            cookies.append(value)
-            continue
-        if name == "host":
-            host = value
-        if "_" in name:
-            # x_foo would collide with x-foo in the environ; drop it (as nginx and gunicorn do).
-            continue
-        key = "HTTP_" + name.upper().replace("-", "_")
+        key = http_keys.get(name_b)
+        if key is None:
+            # Pseudo-headers, the headers with their own environ key, and names
+            # not seen before (or with "_" in them: never cached).
+            if name_b[:1] == b":":
+                if name_b == b":method":
+                    method = value_b.decode("latin-1")
+                elif name_b == b":path":
+                    path = value_b
+                elif name_b == b":scheme":
+                    scheme = value_b.decode("latin-1")
+                elif name_b == b":authority":
+                    authority = value_b.decode("latin-1")
+                continue
+            if name_b == b"host":
+                host = value_b.decode("latin-1")
+                continue
+            if name_b == b"content-length":
+                value = value_b.decode("latin-1")
+                if not (value.isdigit() and value.isascii()):
+                    raise BadRequest(400, f"invalid content-length {value!r}")
+                old = environ.get("CONTENT_LENGTH")
+                if old is not None and old != value:
+                    raise BadRequest(400, "conflicting content-length values")
+                environ["CONTENT_LENGTH"] = value
+                continue
+            if name_b == b"content-type":
+                environ["CONTENT_TYPE"] = value_b.decode("latin-1")
+                continue
+            if name_b == b"cookie":
+                # RFC 9113 §8.2.3: split cookie fields are joined with "; ".
+                value = value_b.decode("latin-1")
+                cookie = value if cookie is None else cookie + "; " + value
+                continue
+            key = _http_key(name_b)
+            if key is None:
+                # x_foo would collide with x-foo in the environ; drop it (as nginx and gunicorn do).
+                continue
+        value = value_b.decode("latin-1")
         if key in environ:
             environ[key] += ", " + value
         else:
@@ -273,55 +317,68 @@ def build_environ(ch: Channel, ctx: WSGIContext) -> dict[str, Any]:
         raise BadRequest(501, "CONNECT is not supported")
     if method is None or path is None:
         raise BadRequest(400, "missing :method or :path")
-    if cookies:
-        environ["HTTP_COOKIE"] = "; ".join(cookies)
+    if cookie is not None:
+        environ["HTTP_COOKIE"] = cookie
     host_value = authority if authority is not None else host
     if host_value is not None:
         environ["HTTP_HOST"] = host_value
     # :path is origin-form (or "*" for OPTIONS)
-    raw_uri = _latin1(path)
+    raw_uri = path.decode("latin-1")
     if path == b"*":
         if method != "OPTIONS":  # asterisk-form is for OPTIONS only (RFC 9110 §7.1)
             raise BadRequest(400, "invalid :path")
         path_part, query = b"*", b""
     else:
         path_part, _, query = path.partition(b"?")
-        if not path_part.startswith(b"/"):
+        if path_part[:1] != b"/":
             raise BadRequest(400, "invalid :path")
-    fwd_proto = environ.get("HTTP_X_FORWARDED_PROTO")
     policy = ctx.url_scheme
-    if policy == "forwarded" and fwd_proto:
+    if policy == "forwarded" and (fwd_proto := environ.get("HTTP_X_FORWARDED_PROTO")):
         url_scheme = fwd_proto.split(",")[0].strip().lower()
-    elif policy in ("forwarded", "pseudo"):
+    elif policy == "forwarded" or policy == "pseudo":
         url_scheme = (scheme or "http").lower()
     else:
         url_scheme = policy
-    if url_scheme not in ("http", "https"):
+    if url_scheme != "http" and url_scheme != "https":
         url_scheme = "https" if url_scheme == "wss" else "http"
     if host_value:
-        hostname, port = _split_host(host_value, url_scheme)
+        hostname, port = _HOSTS.get(host_value) or _split_host(host_value)
+        if not port:
+            port = "443" if url_scheme == "https" else "80"
     else:
         hostname, port = ctx.server_name, ("443" if url_scheme == "https" else "80")
-    environ.update({
-        "REQUEST_METHOD": method,
-        "PATH_INFO": _latin1(unquote_to_bytes(path_part)),
-        "QUERY_STRING": _latin1(query),
-        "RAW_URI": raw_uri,
-        "REQUEST_URI": raw_uri,
-        "SERVER_NAME": hostname,
-        "SERVER_PORT": port,
-        "REMOTE_ADDR": ctx.remote_addr,
-        "REMOTE_PORT": str(ctx.remote_port),
-        "wsgi.url_scheme": url_scheme,
-        "wsgi.input": InputStream(ch, ctx.body_timeout, ctx.body_min_rate),
-        "wsgi.errors": _ErrorStream(),
-        "rhttp.stream_id": ch.stream_id,
-        "rhttp.cancelled": ch.cancelled,
-        "rhttp.draining": ctx.draining,
-        "rhttp.peer_certificate": ctx.peer_certificate,
-        "rhttp.trailers": lambda: _decode_pairs(ch.trailers),
-    })
+    environ["REQUEST_METHOD"] = method
+    # (unquote_to_bytes returns a path without "%" unchanged: skip the call)
+    environ["PATH_INFO"] = (unquote_to_bytes(path_part) if b"%" in path_part else path_part).decode("latin-1")
+    environ["QUERY_STRING"] = query.decode("latin-1")
+    environ["RAW_URI"] = environ["REQUEST_URI"] = raw_uri
+    environ["SERVER_NAME"] = hostname
+    environ["SERVER_PORT"] = port
+    environ["wsgi.url_scheme"] = url_scheme
+    environ["wsgi.input"] = InputStream(ch, ctx.body_timeout, ctx.body_min_rate)
+    environ["wsgi.errors"] = _ErrorStream()
+    environ["rhttp.stream_id"] = ch.stream_id
+    environ["rhttp.cancelled"] = ch.cancelled
+    environ["rhttp.trailers"] = lambda: _decode_pairs(ch.trailers)
     return environ
+
+
+#: Request header name (bytes, as received) -> its ``HTTP_*`` environ key, for the
+#: ordinary headers seen so far (not the pseudo-headers, content-length/-type,
+#: cookie, host, nor names with "_").  Filled by :func:`_http_key`, bounded: the
+#: peer chooses the names.  (Plain dict reads and writes: safe across app threads.)
+_HTTP_KEYS: dict[bytes, str] = {}
+_HTTP_KEYS_MAX = 512
+
+
+def _http_key(name_b: bytes) -> str | None:
+    """The ``HTTP_*`` key of an ordinary header name; None for a name with "_" (dropped)."""
+    if b"_" in name_b:
+        return None
+    key = "HTTP_" + name_b.decode("latin-1").upper().replace("-", "_")
+    if len(_HTTP_KEYS) < _HTTP_KEYS_MAX:
+        _HTTP_KEYS[name_b] = key
+    return key
 
 
 #: The environ keys whose values are the same for every request (build_environ copies them first).
@@ -338,24 +395,70 @@ _STATIC_ENVIRON: dict[str, Any] = {
 
 
 def _decode_pairs(pairs: list[tuple[bytes, bytes]] | None) -> list[tuple[str, str]]:
-    return [(_latin1(k), _latin1(v)) for k, v in pairs or ()]
+    return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in pairs or ()]
 
 
-def _split_host(value: str, scheme: str) -> tuple[str, str]:
-    default = "443" if scheme == "https" else "80"
+def _split_host(value: str) -> tuple[str, str]:
+    """``Host``/``:authority`` -> (host, port); port "" when absent or not digits."""
     if value.startswith("["):
         end = value.find("]")
         if end > 0:
             rest = value[end + 1:]
-            return value[: end + 1], rest[1:] if rest.startswith(":") and rest[1:].isdigit() else default
-        return value, default
-    host, sep, port = value.rpartition(":")
-    if sep and port.isdigit():
-        return host, port
-    return value, default
+            port = rest[1:]
+            hp = value[: end + 1], port if rest[:1] == ":" and port.isdigit() and port.isascii() else ""
+        else:
+            hp = value, ""
+    else:
+        host, sep, port = value.rpartition(":")
+        hp = (host, port) if sep and port.isdigit() and port.isascii() else (value, "")
+    if len(_HOSTS) < _HOSTS_MAX:
+        _HOSTS[value] = hp
+    return hp
+
+
+#: Host values seen -> their (host, port) split; bounded (the peer chooses them).
+_HOSTS: dict[str, tuple[str, str]] = {}
+_HOSTS_MAX = 256
 
 
 def _encode_headers(status: str, headers: list[tuple[str, str]]) -> tuple[int, list[tuple[bytes, bytes]], int | None]:
+    """Validate and encode a ``start_response`` status and header list for h2.
+
+    Refuses (TypeError/ValueError) what PEP 3333 and RFC 9113 forbid; drops the
+    connection-specific headers; strips what h2's outbound normalization would
+    strip.  The worker's h2 runs with its own outbound checks off because of
+    this (tests/unit/test_outbound_headers.py proves the equivalence).
+    """
+    st = _STATUS_CACHE.get(status) if type(status) is str else None
+    if st is None:
+        st = _encode_status(status)
+    code, status_pair = st
+    out: list[tuple[bytes, bytes]] = [status_pair]
+    content_length: int | None = None
+    names = _PLAIN_NAMES
+    for item in headers:
+        # Fast path: exact tuple/str types, a name already validated (see
+        # _PLAIN_NAMES), no CR/LF/NUL in the value.  Anything else takes the
+        # full path in _encode_header.
+        if type(item) is tuple and len(item) == 2:
+            name, value = item
+            if type(name) is str and type(value) is str:
+                bname = names.get(name)
+                if bname is not None and "\n" not in value and "\r" not in value and "\x00" not in value:
+                    # (strip what h2's normalize_outbound_headers strips: bytes.strip(),
+                    # i.e. SP, HTAB, VT, FF; CR/LF were refused above)
+                    bvalue = value.strip(_OWS)
+                    if bname is _CONTENT_LENGTH:
+                        content_length = _parse_content_length(bvalue)
+                    out.append((bname, bvalue.encode("latin-1")))
+                    continue
+        cl = _encode_header(item, out)
+        if cl is not None:
+            content_length = cl
+    return code, out, content_length
+
+
+def _encode_status(status: str) -> tuple[int, tuple[bytes, bytes]]:
     if not isinstance(status, str):
         raise TypeError(f"status must be str, got {type(status).__name__}")
     code_text = status[:3]
@@ -364,42 +467,66 @@ def _encode_headers(status: str, headers: list[tuple[str, str]]) -> tuple[int, l
     code = int(code_text)
     if not 200 <= code <= 999:
         raise ValueError(f"status {code} cannot be a final response")
-    out = [(b":status", code_text.encode("ascii"))]
-    content_length: int | None = None
-    for item in headers:
-        if not isinstance(item, tuple) or len(item) != 2:
-            raise TypeError(f"header must be a (name, value) tuple, got {item!r}")
-        name, value = item
-        if not isinstance(name, str) or not isinstance(value, str):
-            raise TypeError(f"header name and value must be str: {item!r}")
-        lname = name.lower()
-        if not valid_name(lname):
-            raise ValueError(f"invalid header name {name!r}")
-        if not valid_value(value):
-            raise ValueError(f"header {name!r} has CR, LF or NUL in its value")
-        if lname in CONNECTION_SPECIFIC:
-            continue  # forbidden in HTTP/2 (RFC 9113 §8.2.2)
-        if lname == "te" and value.strip().lower() != "trailers":
-            continue
-        if lname == "content-length":
-            v = value.strip()
-            if not v.isdigit():
-                raise ValueError(f"invalid Content-Length {value!r}")
-            content_length = int(v)
-        bname = lname.encode("ascii")
-        # Strip what h2's normalize_outbound_headers strips (bytes.strip(): SP, HTAB,
-        # VT, FF; CR/LF were refused above): the worker's h2 connection runs with
-        # outbound normalization and validation off because this function already
-        # guarantees all of it (tests/unit/test_outbound_headers.py).
-        bvalue = value.strip(_OWS).encode("latin-1")
-        if bname in _NEVER_INDEXED or (bname == b"cookie" and len(bvalue) < 20):
-            # as h2's _secure_headers: keep credentials out of the HPACK table
-            out.append(NeverIndexedHeaderTuple(bname, bvalue))
-        else:
-            out.append((bname, bvalue))
-    return code, out, content_length
+    st = (code, (b":status", code_text.encode("ascii")))
+    if type(status) is str and len(_STATUS_CACHE) < _CACHE_MAX:
+        _STATUS_CACHE[status] = st
+    return st
 
 
+def _parse_content_length(value: str) -> int:
+    """A Content-Length value (surrounding OWS already stripped): ASCII digits only."""
+    if not (value.isdigit() and value.isascii()):
+        raise ValueError(f"invalid Content-Length {value!r}")
+    return int(value)
+
+
+def _encode_header(item: tuple[str, str], out: list[tuple[bytes, bytes]]) -> int | None:
+    """Validate, encode and append one response header (or drop it); its Content-Length if it is one."""
+    if not isinstance(item, tuple) or len(item) != 2:
+        raise TypeError(f"header must be a (name, value) tuple, got {item!r}")
+    name, value = item
+    if not isinstance(name, str) or not isinstance(value, str):
+        raise TypeError(f"header name and value must be str: {item!r}")
+    lname = name.lower()
+    # (isascii: str.lower() maps a few non-ASCII letters to ASCII, e.g. KELVIN SIGN to "k")
+    if not name.isascii() or not valid_name(lname):
+        raise ValueError(f"invalid header name {name!r}")
+    if not valid_value(value):
+        raise ValueError(f"header {name!r} has CR, LF or NUL in its value")
+    if lname in CONNECTION_SPECIFIC:
+        return None  # forbidden in HTTP/2 (RFC 9113 §8.2.2)
+    if lname == "te" and value.strip().lower() != "trailers":
+        return None
+    content_length = None
+    bname = lname.encode("ascii")
+    # Strip what h2's normalize_outbound_headers strips (bytes.strip(): SP, HTAB,
+    # VT, FF; CR/LF were refused above): the worker's h2 connection runs with
+    # outbound normalization and validation off because this function already
+    # guarantees all of it (tests/unit/test_outbound_headers.py).
+    svalue = value.strip(_OWS)
+    if lname == "content-length":
+        content_length = _parse_content_length(svalue)
+        bname = _CONTENT_LENGTH
+    bvalue = svalue.encode("latin-1")
+    if bname in _NEVER_INDEXED or (bname == b"cookie" and len(bvalue) < 20):
+        # as h2's _secure_headers: keep credentials out of the HPACK table
+        out.append(NeverIndexedHeaderTuple(bname, bvalue))
+        return content_length
+    out.append((bname, bvalue))
+    if type(name) is str and lname != "te" and bname != b"cookie" and len(_PLAIN_NAMES) < _CACHE_MAX:
+        # A valid name with no special handling (or Content-Length, which the
+        # fast path recognises by identity): the fast path may take it next time.
+        _PLAIN_NAMES[name] = bname
+    return content_length
+
+
+#: Response header names (exactly as apps spell them) already validated as tokens,
+#: mapped to their lowercase wire bytes; never a dropped, te, cookie or never-indexed
+#: name.  Bounded, like the status cache (apps could generate names).
+_PLAIN_NAMES: dict[str, bytes] = {}
+_STATUS_CACHE: dict[str, tuple[int, tuple[bytes, bytes]]] = {}
+_CACHE_MAX = 512
+_CONTENT_LENGTH = b"content-length"
 _OWS = " \t\x0b\x0c"
 _NEVER_INDEXED = frozenset({b"authorization", b"proxy-authorization"})
 

@@ -126,3 +126,108 @@ def test_tricky_app_headers_on_the_wire(make_worker: Any) -> None:
     assert ("authorization", "secret") in r.headers
     assert not {"connection", "te"} & set(r.header_names())
     assert all(n == n.lower() for n in r.header_names())
+
+
+# -- _encode_headers fast path (issue 7): the caches never change the result ---------------------
+
+
+def _cold(status: str, headers: list[Any]) -> Any:
+    """_encode_headers with empty caches: every header takes the full validation path."""
+    from rhttp_wsgi import wsgi
+
+    saved = dict(wsgi._PLAIN_NAMES), dict(wsgi._STATUS_CACHE)
+    wsgi._PLAIN_NAMES.clear()
+    wsgi._STATUS_CACHE.clear()
+    try:
+        return _outcome(status, headers)
+    finally:
+        wsgi._PLAIN_NAMES.update(saved[0])
+        wsgi._STATUS_CACHE.update(saved[1])
+
+
+def _outcome(status: Any, headers: list[Any]) -> Any:
+    try:
+        code, out, cl = _encode_headers(status, headers)
+    except (TypeError, ValueError) as e:
+        return type(e)
+    return code, [(tuple(h), isinstance(h, NeverIndexedHeaderTuple)) for h in out], cl
+
+
+def test_cached_path_equals_cold_path() -> None:
+    rng = random.Random(3333)
+    lists = [list(c) for c in CASES] + [[_random_header(rng) for _ in range(rng.randint(0, 6))]
+                                        for _ in range(2000)]
+    for headers in lists:
+        for status in ("200 OK", "404 Not Found"):
+            cold = _cold(status, headers)
+            assert _outcome(status, headers) == cold, headers  # caches as the cold run left them
+            assert _outcome(status, headers) == cold, headers  # and warm
+
+
+class _Str(str):
+    pass
+
+
+@pytest.mark.parametrize(("headers", "result"), [
+    ([("Content-Length", " 13 ")], 13),
+    ([("content-length", "0")], 0),
+    ([("Content-Length", "\xa013")], ValueError),  # NBSP: str.strip() removed it, the wire kept it
+    ([("Content-Length", "13\x1c")], ValueError),  # a C0 control str.strip() treats as space
+    ([("Content-Length", "\xb2")], ValueError),  # SUPERSCRIPT TWO: isdigit(), not a length
+    ([("Content-Length", "1 3")], ValueError),
+    ([("Content-Length", "")], ValueError),
+    ([("Content-Length", "-1")], ValueError),
+    ([("\u212a-Foo", "v")], ValueError),  # KELVIN SIGN lowercases to an ASCII "k"
+    ([(_Str("X-Sub"), _Str(" v "))], None),
+    ([("X-A", "v")] * 3, None),
+])
+def test_content_length_and_name_rules(headers: list[Any], result: Any) -> None:
+    for _ in range(3):  # cold, then through the caches
+        if isinstance(result, type):
+            with pytest.raises(result):
+                _encode_headers("200 OK", headers)
+            continue
+        _, out, cl = _encode_headers("200 OK", headers)
+        assert cl == result
+        assert same(h2_outbound(out), out)
+        assert all(type(h[0]) is bytes and type(h[1]) is bytes for h in out)
+
+
+def test_dropped_and_special_names_are_never_cached() -> None:
+    from rhttp_wsgi import wsgi
+
+    for _ in range(3):
+        _, out, _ = _encode_headers("200 OK", [
+            ("Connection", "close"), ("TE", "trailers"), ("te", "gzip"), ("Cookie", "short=1"),
+            ("Cookie", "a-much-longer-cookie=value-here"), ("Authorization", "x"), ("X-Ok", "1")])
+        assert [tuple(h) for h in out[1:]] == [(b"te", b"trailers"), (b"cookie", b"short=1"),
+                                               (b"cookie", b"a-much-longer-cookie=value-here"),
+                                               (b"authorization", b"x"), (b"x-ok", b"1")]
+        assert [isinstance(h, NeverIndexedHeaderTuple) for h in out[1:]] == [False, True, False, True, False]
+    for name in ("Connection", "TE", "te", "Cookie", "Authorization"):
+        assert name not in wsgi._PLAIN_NAMES
+    assert wsgi._PLAIN_NAMES["X-Ok"] == b"x-ok"
+
+
+def test_header_caches_are_bounded() -> None:
+    from rhttp_wsgi import wsgi
+
+    for i in range(wsgi._CACHE_MAX + 50):
+        _, out, _ = _encode_headers(f"{200 + i % 700} R{i}", [(f"X-Gen-{i}", str(i))])
+        assert out == [(b":status", str(200 + i % 700).encode()), (f"x-gen-{i}".encode(), str(i).encode())]
+    assert len(wsgi._PLAIN_NAMES) <= wsgi._CACHE_MAX
+    assert len(wsgi._STATUS_CACHE) <= wsgi._CACHE_MAX
+
+
+@pytest.mark.parametrize("status", ["200", "200 OK", "599 Custom", "999 Max"])
+def test_status_cache(status: str) -> None:
+    for _ in range(2):
+        code, out, _ = _encode_headers(status, [])
+        assert code == int(status[:3]) and out == [(b":status", status[:3].encode())]
+
+
+@pytest.mark.parametrize("status", ["200OK", "20", "199 Info", "1000 X", "abc OK", "٢٠٠ OK", b"200 OK", _Str("20x")])
+def test_bad_status_refused_every_time(status: Any) -> None:
+    for _ in range(2):
+        with pytest.raises((TypeError, ValueError)):
+            _encode_headers(status, [])
