@@ -113,7 +113,8 @@ class Channel:
         self.tunnel = tunnel
         self.stream_id = stream_id
         self.headers = headers
-        self._cond = threading.Condition(tunnel.lock)
+        #: Created by the first wait (most streams never wait): see _waiter_locked.
+        self._cond: threading.Condition | None = None
         self._in: collections.deque[bytes] = collections.deque()
         self._in_size = 0
         self.in_ended = False
@@ -135,6 +136,17 @@ class Channel:
         self._stall_at = 0.0
         #: Dispatched to a handler (app thread) that has not returned yet.
         self._handler = False
+
+    def _waiter_locked(self) -> threading.Condition:
+        """This stream's condition (bound to the tunnel lock), created on first use."""
+        cond = self._cond
+        if cond is None:
+            cond = self._cond = threading.Condition(self.tunnel.lock)
+        return cond
+
+    def _notify_locked(self) -> None:
+        if self._cond is not None:
+            self._cond.notify_all()
 
     def handler_done(self) -> None:
         """The handler (app thread) serving this stream returned; ``run_wsgi`` calls it last.
@@ -168,7 +180,7 @@ class Channel:
                     remaining = None if deadline is None else deadline - time.monotonic()
                     if remaining is not None and remaining <= 0:
                         raise StreamTimeout(f"stream {self.stream_id}: no body data within {timeout:g}s")
-                    self._cond.wait(remaining)
+                    self._waiter_locked().wait(remaining)
             if self.error is not None:
                 raise self.error
             if not self._in:
@@ -245,7 +257,7 @@ class Channel:
                     remaining = None if deadline is None else deadline - time.monotonic()
                     if remaining is not None and remaining <= 0:
                         raise StreamTimeout(f"stream {self.stream_id}: peer accepted no data for {timeout:g}s")
-                    self._cond.wait(remaining)
+                    self._waiter_locked().wait(remaining)
                 self._check_locked()
 
     def end(self, trailers: list[tuple[bytes, bytes]] | None = None) -> None:
@@ -282,7 +294,7 @@ class Channel:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise StreamTimeout(f"stream {self.stream_id}: no response within {timeout:g}s")
-                self._cond.wait(remaining)
+                self._waiter_locked().wait(remaining)
             if self.response is None:
                 assert self.error is not None
                 raise self.error
@@ -316,7 +328,7 @@ class Channel:
             self._in.append(data)
             self._in_size += len(data)
             self.bytes_in += len(data)
-            self._cond.notify_all()
+            self._notify_locked()
 
     def _fail_locked(self, exc: BaseException) -> None:
         if self.error is None:
@@ -329,7 +341,7 @@ class Channel:
         self._out.clear()
         self._out_size = 0
         self.cancelled.set()
-        self._cond.notify_all()
+        self._notify_locked()
         self.tunnel._retire_locked(self)
 
     def _flush_locked(self, budget: int) -> tuple[int, bool]:
@@ -361,7 +373,7 @@ class Channel:
             if last:
                 self.out_done = True
         if self._out_size <= LOW_WATER:
-            self._cond.notify_all()
+            self._notify_locked()
         if out:
             return moved, False
         if self._out_end and not self.out_done:
@@ -662,14 +674,14 @@ class Tunnel:
                 ch = channels.get(ev.stream_id)
                 if ch is not None:
                     ch.in_ended = True
-                    ch._cond.notify_all()
+                    ch._notify_locked()
                     if ch.out_done:
                         self._retire_locked(ch)
             elif t is h2.events.ResponseReceived:
                 ch = channels.get(ev.stream_id)
                 if ch is not None:
                     ch.response = ev.headers
-                    ch._cond.notify_all()
+                    ch._notify_locked()
             elif t is h2.events.InformationalResponseReceived:
                 ch = channels.get(ev.stream_id)
                 if ch is not None:
@@ -691,7 +703,7 @@ class Tunnel:
                     ch._out_size = 0
                     ch._out_end = True
                     ch.out_done = True
-                    ch._cond.notify_all()
+                    ch._notify_locked()
                     self._retire_locked(ch)
                 else:
                     # remote_reset is False when our core reset a malformed
@@ -775,7 +787,7 @@ class Tunnel:
             ch._in_size = 0
             if unread:
                 self._credit_locked(ch.stream_id, unread)
-            ch._cond.notify_all()
+            ch._notify_locked()
             self._retire_locked(ch)
 
     def _retire_locked(self, ch: Channel) -> None:

@@ -465,7 +465,9 @@ def _encode_status(status: str) -> tuple[int, tuple[bytes, bytes]]:
     if len(status) < 3 or not code_text.isdigit() or (len(status) > 3 and status[3] != " "):
         raise ValueError(f"invalid status line {status!r}")
     code = int(code_text)
-    if not 200 <= code <= 999:
+    if not 200 <= code <= 599:
+        # RFC 9110 §15: every valid status code is in 100-599 (1xx are not final responses);
+        # a peer (our proxy included) treats anything else as a malformed response.
         raise ValueError(f"status {code} cannot be a final response")
     st = (code, (b":status", code_text.encode("ascii")))
     if type(status) is str and len(_STATUS_CACHE) < _CACHE_MAX:

@@ -213,20 +213,20 @@ def test_header_caches_are_bounded() -> None:
     from rhttp_wsgi import wsgi
 
     for i in range(wsgi._CACHE_MAX + 50):
-        _, out, _ = _encode_headers(f"{200 + i % 700} R{i}", [(f"X-Gen-{i}", str(i))])
-        assert out == [(b":status", str(200 + i % 700).encode()), (f"x-gen-{i}".encode(), str(i).encode())]
+        _, out, _ = _encode_headers(f"{200 + i % 400} R{i}", [(f"X-Gen-{i}", str(i))])
+        assert out == [(b":status", str(200 + i % 400).encode()), (f"x-gen-{i}".encode(), str(i).encode())]
     assert len(wsgi._PLAIN_NAMES) <= wsgi._CACHE_MAX
     assert len(wsgi._STATUS_CACHE) <= wsgi._CACHE_MAX
 
 
-@pytest.mark.parametrize("status", ["200", "200 OK", "599 Custom", "999 Max"])
+@pytest.mark.parametrize("status", ["200", "200 OK", "599 Custom"])
 def test_status_cache(status: str) -> None:
     for _ in range(2):
         code, out, _ = _encode_headers(status, [])
         assert code == int(status[:3]) and out == [(b":status", status[:3].encode())]
 
 
-@pytest.mark.parametrize("status", ["200OK", "20", "199 Info", "1000 X", "abc OK", "٢٠٠ OK", b"200 OK", _Str("20x")])
+@pytest.mark.parametrize("status", ["200OK", "20", "199 Info", "600 X", "999 Max", "1000 X", "abc OK", "٢٠٠ OK", b"200 OK", _Str("20x")])
 def test_bad_status_refused_every_time(status: Any) -> None:
     for _ in range(2):
         with pytest.raises((TypeError, ValueError)):
