@@ -142,6 +142,21 @@ def huffman_decode(data: bytes) -> bytes:
     return bytes(out)
 
 
+def _decode_string(data: bytes, pos: int, end: int) -> tuple[bytes, int]:
+    """A string literal (RFC 7541 §5.2) at ``pos``: its octets (Huffman-decoded if flagged) and the next position."""
+    if pos >= end:
+        raise HPACKDecodingError("Unable to decode HPACK integer representation: truncated")
+    octet = data[pos]
+    pos += 1
+    length = octet & 0x7F
+    if length == 0x7F:
+        length, pos = _decode_int_tail(data, pos, length)
+    stop = pos + length
+    if stop > end:
+        raise HPACKDecodingError("Truncated header block")
+    return (huffman_decode(data[pos:stop]) if octet & 0x80 else data[pos:stop]), stop
+
+
 def encode_integer(value: int, prefix_bits: int, flags: int = 0) -> bytes:
     """RFC 7541 §5.1 integer with ``flags`` OR-ed into the first octet."""
     if value < 0:
@@ -362,31 +377,8 @@ class Decoder:
                 except IndexError:
                     raise InvalidTableIndex(f"Invalid table index {index}") from None
             else:
-                if pos >= end:
-                    raise HPACKDecodingError("Unable to decode HPACK integer representation: truncated")
-                octet = data[pos]
-                pos += 1
-                length = octet & 0x7F
-                if length == 0x7F:
-                    length, pos = _decode_int_tail(data, pos, length)
-                stop = pos + length
-                if stop > end:
-                    raise HPACKDecodingError("Truncated header block")
-                name = huffman_decode(data[pos:stop]) if octet & 0x80 else data[pos:stop]
-                pos = stop
-
-            if pos >= end:
-                raise HPACKDecodingError("Unable to decode HPACK integer representation: truncated")
-            octet = data[pos]
-            pos += 1
-            length = octet & 0x7F
-            if length == 0x7F:
-                length, pos = _decode_int_tail(data, pos, length)
-            stop = pos + length
-            if stop > end:
-                raise HPACKDecodingError("Truncated header block")
-            value = huffman_decode(data[pos:stop]) if octet & 0x80 else data[pos:stop]
-            pos = stop
+                name, pos = _decode_string(data, pos, end)
+            value, pos = _decode_string(data, pos, end)
 
             entry_size = len(name) + len(value) + 32
             header = NeverIndexedHeaderTuple(name, value) if never else (name, value)
