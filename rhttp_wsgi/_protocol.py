@@ -168,13 +168,12 @@ class TunnelProtocol:
         # puts exactly one :status first, and never-indexes credentials
         # (tests/unit/test_outbound_headers.py proves it).  Inbound checks are
         # all on, in both roles; the proxy (client) role keeps every outbound check.
-        self.validate_outbound = role == "client"
         local = Settings()
         local.max_concurrent_streams = s.max_concurrent_streams
         local.initial_window_size = s.initial_window_size
         local.max_header_list_size = s.max_header_list_size
         local.max_frame_size = s.max_frame_size
-        self.h2 = H2Core(client_side=(role == "client"), local=local, validate_outbound=self.validate_outbound)
+        self.h2 = H2Core(client_side=(role == "client"), local=local, validate_outbound=(role == "client"))
         # Enforce the header list limit while decoding, not after.  The worker
         # answers a list above the limit with 431 (a stream error, HPACK kept in
         # sync), so its decoder only gives up -- a connection error that ends
@@ -202,6 +201,11 @@ class TunnelProtocol:
         self._last_recv = 0.0
         self._ping_payload: bytes | None = None
         self._ping_deadline = 0.0
+
+    @property
+    def validate_outbound(self) -> bool:
+        """Whether outbound headers are normalised and checked (the proxy role only)."""
+        return self.h2.validate_outbound
 
     # -- start -----------------------------------------------------------
 

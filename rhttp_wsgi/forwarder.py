@@ -533,15 +533,9 @@ def build_request(environ: Mapping[str, Any], options: ProxyOptions
     te_trailers = "trailers" in {t.split(";")[0].strip().lower()
                                  for t in str(environ.get("HTTP_TE", "")).split(",")}
     trusted = options.trust_forwarded
-    headers: list[tuple[bytes, bytes]] = [
-        (b":method", method.encode("ascii")),
-        (b":scheme", scheme.encode("ascii", "replace")),
-        (b":authority", authority),
-        (b":path", path),
-    ]
-    client_xff: str | None = None
-    client_proto: str | None = None
-    client_host: str | None = None
+    headers = _pseudo_headers(method, scheme, authority, path)
+    client_xff: bytes | None = None
+    client_proto = client_host = False
     for key, value in environ.items():
         if key.startswith("HTTP_"):
             name = key[5:].lower().replace("_", "-")
@@ -556,12 +550,12 @@ def build_request(environ: Mapping[str, Any], options: ProxyOptions
         if name in _FORWARDING:
             if trusted:
                 if name == "x-forwarded-for":
-                    client_xff = str(value)
+                    client_xff = _encode(str(value), "X-Forwarded-For")
                     continue
                 if name == "x-forwarded-proto":
-                    client_proto = str(value)
+                    client_proto = True
                 elif name == "x-forwarded-host":
-                    client_host = str(value)
+                    client_host = True
             else:
                 continue
         if not valid_name(name):
@@ -571,19 +565,36 @@ def build_request(environ: Mapping[str, Any], options: ProxyOptions
             headers.append((b"cookie", _encode(text, "Cookie")))
             continue
         headers.append((name.encode("ascii"), _encode(text, name)))
+    _append_tail(headers, environ, scheme, authority, length, te_trailers, client_xff, client_proto, client_host)
+    return method, headers, length
+
+
+def _pseudo_headers(method: str, scheme: str, authority: bytes, path: bytes) -> list[tuple[bytes, bytes]]:
+    return [
+        (b":method", method.encode("ascii")),
+        (b":scheme", scheme.encode("ascii", "replace")),
+        (b":authority", authority),
+        (b":path", path),
+    ]
+
+
+def _append_tail(headers: list[tuple[bytes, bytes]], environ: Mapping[str, Any], scheme: str, authority: bytes,
+                 length: int | None, te_trailers: bool, client_xff: bytes | None, client_proto: bool,
+                 client_host: bool) -> None:
+    """The fields both request builders end with: framing, then X-Forwarded-* (ours, or the
+    trusted client's with our hop appended)."""
     if length is not None:
         headers.append((b"content-length", str(length).encode("ascii")))
     if te_trailers:
         headers.append((b"te", b"trailers"))
     remote = str(environ.get("REMOTE_ADDR", ""))
     if remote:
-        xff = f"{client_xff}, {remote}" if client_xff else remote
-        headers.append((b"x-forwarded-for", _encode(xff, "X-Forwarded-For")))
-    if client_proto is None:
+        addr = _encode(remote, "X-Forwarded-For")
+        headers.append((b"x-forwarded-for", client_xff + b", " + addr if client_xff else addr))
+    if not client_proto:
         headers.append((b"x-forwarded-proto", scheme.encode("ascii", "replace")))
-    if client_host is None:
+    if not client_host:
         headers.append((b"x-forwarded-host", authority))
-    return method, headers, length
 
 
 def build_request_h11(environ: Mapping[str, Any], items: Sequence[tuple[bytes, bytes]],
@@ -627,15 +638,9 @@ def build_request_h11(environ: Mapping[str, Any], items: Sequence[tuple[bytes, b
     te = fields.get(b"te")
     te_trailers = te is not None and b"trailers" in {t.split(b";")[0].strip().lower() for t in te.split(b",")}
     trusted = options.trust_forwarded
-    headers: list[tuple[bytes, bytes]] = [
-        (b":method", method.encode("ascii")),
-        (b":scheme", scheme.encode("ascii", "replace")),
-        (b":authority", authority),
-        (b":path", path),
-    ]
+    headers = _pseudo_headers(method, scheme, authority, path)
     client_xff: bytes | None = None
-    client_proto: bytes | None = None
-    client_host: bytes | None = None
+    client_proto = client_host = False
     for name, value in fields.items():
         if name in _DROP_B or name in connection_tokens:
             continue
@@ -645,26 +650,15 @@ def build_request_h11(environ: Mapping[str, Any], items: Sequence[tuple[bytes, b
             if not trusted:
                 continue
             if name == b"x-forwarded-for":
-                client_xff = value
+                client_xff = value.strip(b" \t")
                 continue
             if name == b"x-forwarded-proto":
-                client_proto = value
+                client_proto = True
             elif name == b"x-forwarded-host":
-                client_host = value
+                client_host = True
         # (joining may have left an empty last element: strip as _encode does)
         headers.append((name, value.strip(b" \t")))
-    if length is not None:
-        headers.append((b"content-length", str(length).encode("ascii")))
-    if te_trailers:
-        headers.append((b"te", b"trailers"))
-    remote = str(environ.get("REMOTE_ADDR", ""))
-    if remote:
-        addr = remote.encode("latin-1", "replace")
-        headers.append((b"x-forwarded-for", client_xff + b", " + addr if client_xff else addr))
-    if client_proto is None:
-        headers.append((b"x-forwarded-proto", scheme.encode("ascii", "replace")))
-    if client_host is None:
-        headers.append((b"x-forwarded-host", authority))
+    _append_tail(headers, environ, scheme, authority, length, te_trailers, client_xff, client_proto, client_host)
     return method, headers, length
 
 

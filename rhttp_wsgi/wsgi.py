@@ -46,14 +46,10 @@ class WSGIContext:
     ``static_environ`` holds every environ key whose value is the same for all
     of the tunnel's requests (PEP 3333 constants, ``REMOTE_ADDR``/``REMOTE_PORT``,
     ``rhttp.draining``, ``rhttp.peer_certificate``); :func:`build_environ` copies
-    it in one go.  The peer attributes are properties that keep it in step.
+    it in one go.  The peer attributes are properties over it (one copy of the state).
     """
 
     __slots__ = (
-        "_draining",
-        "_peer_certificate",
-        "_remote_addr",
-        "_remote_port",
         "app",
         "body_min_rate",
         "body_timeout",
@@ -86,38 +82,35 @@ class WSGIContext:
 
     @property
     def remote_addr(self) -> str:
-        return self._remote_addr
+        return str(self.static_environ["REMOTE_ADDR"])
 
     @remote_addr.setter
     def remote_addr(self, value: str) -> None:
-        self._remote_addr = value
         self.static_environ["REMOTE_ADDR"] = value
 
     @property
     def remote_port(self) -> int:
-        return self._remote_port
+        return int(self.static_environ["REMOTE_PORT"])
 
     @remote_port.setter
     def remote_port(self, value: int) -> None:
-        self._remote_port = value
         self.static_environ["REMOTE_PORT"] = str(value)
 
     @property
     def peer_certificate(self) -> Any:
-        return self._peer_certificate
+        return self.static_environ["rhttp.peer_certificate"]
 
     @peer_certificate.setter
     def peer_certificate(self, value: Any) -> None:
-        self._peer_certificate = value
         self.static_environ["rhttp.peer_certificate"] = value
 
     @property
     def draining(self) -> threading.Event:
-        return self._draining
+        event: threading.Event = self.static_environ["rhttp.draining"]
+        return event
 
     @draining.setter
     def draining(self, value: threading.Event) -> None:
-        self._draining = value
         self.static_environ["rhttp.draining"] = value
 
 
