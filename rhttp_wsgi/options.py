@@ -20,6 +20,7 @@ from .errors import ConfigError, MTLSRequiredError
 
 __all__ = [
     "ProxyOptions",
+    "TunnelOptions",
     "WorkerOptions",
     "env_name",
     "flag_name",
@@ -133,12 +134,101 @@ def _check_file(option: str, path: str | None) -> None:
 
 
 @dataclass(frozen=True)
-class WorkerOptions:
+class TunnelOptions:
+    """Settings both ends of a tunnel share: its TLS identity and its HTTP/2 connection.
+
+    Declared once here; :class:`WorkerOptions` and :class:`ProxyOptions` extend it, and the
+    tunnel layers (``_protocol.TunnelProtocol``, ``_tunnel.Tunnel``) read these fields from the
+    options object they are handed, so no default is written twice.  "The peer" below is the
+    other end of the tunnel: the proxy for a worker, a worker for the proxy.
+    """
+
+    cert: str | None = _opt(
+        None,
+        "Certificate (PEM) this side presents on the tunnel: the worker's client certificate, the proxy's"
+        " server certificate. Required.",
+        metavar="FILE",
+    )
+    key: str | None = _opt(None, "Private key (PEM) of that certificate. Required.", metavar="FILE")
+    max_concurrent_streams: int = _opt(
+        100,
+        "SETTINGS_MAX_CONCURRENT_STREAMS advertised per tunnel; streams beyond it get REFUSED_STREAM.",
+        minimum=1,
+        maximum=2**31 - 1,
+    )
+    initial_window_size: int = _opt(
+        1 << 20, "Per-stream receive window advertised to the peer (bytes).", minimum=65535, maximum=MAX_WINDOW
+    )
+    connection_window_size: int = _opt(
+        1 << 26, "Connection receive window advertised to the peer (bytes).", minimum=65535, maximum=MAX_WINDOW
+    )
+    max_header_list_size: int = _opt(
+        65536,
+        "Largest header list accepted from the peer (bytes, RFC 9113 accounting), advertised as"
+        " SETTINGS_MAX_HEADER_LIST_SIZE. Worker: a larger request gets 431 without running the app, and a"
+        " header block over 4x this (CONTINUATION flood) or an HPACK expansion over 4x (HPACK bomb) ends the"
+        " tunnel with ENHANCE_YOUR_CALM. Proxy: a larger response is a 502.",
+        minimum=1024,
+        maximum=1 << 24,
+    )
+    handshake_timeout: float = _opt(
+        10.0,
+        "Deadline for the tunnel's TLS handshake, preface and the peer's first SETTINGS (seconds).",
+        minimum=0.01,
+    )
+    ping_interval: float = _opt(30.0, "Idle seconds before a PING is sent on a tunnel.", minimum=0.05,
+                                maximum=86400)
+    ping_timeout: float = _opt(15.0, "Seconds to wait for a PING ACK before the tunnel is dropped.", minimum=0.05)
+    control_frame_rate: float = _opt(
+        100.0,
+        "PING/SETTINGS frames (each forces a reply), and empty DATA, PRIORITY and unknown frames, the"
+        " peer may send per second, sustained; beyond it and control_frame_burst the tunnel is closed"
+        " with GOAWAY(ENHANCE_YOUR_CALM) (CVE-2019-9512/9515/9518). 0 = unlimited.",
+        minimum=0.0,
+    )
+    control_frame_burst: int = _opt(
+        1000,
+        "Such frames the peer may send at once before control_frame_rate applies (like Envoy's"
+        " max_outbound_control_frames, 1000).",
+        minimum=1,
+        maximum=1 << 20,
+    )
+    max_output_backlog: int = _opt(
+        1 << 20,
+        "Bytes of frames (replies to PING/SETTINGS, RST_STREAM, headers) that may wait for a peer that"
+        " is not reading before the tunnel is closed with ENHANCE_YOUR_CALM (Envoy closes at 10000"
+        " queued frames).",
+        minimum=65536,
+    )
+    body_timeout: float = _opt(
+        60.0,
+        "Most seconds to wait for the next request-body bytes (nginx client_body_timeout, 60 s). Worker: a"
+        " wsgi.input read then raises StreamTimeout and the proxy gets 408 (or RST_STREAM(CANCEL) once the"
+        " response started); 0 = wait forever. Proxy (turnkey server): the public client gets 408 and its"
+        " connection is closed.",
+        minimum=0.0,
+    )
+    body_min_rate: int = _opt(
+        500,
+        "With body_timeout: the slowest average request-body rate (bytes/s) waited for; the allowance is"
+        " body_timeout plus 1 s per body_min_rate bytes received, so a trickle of a byte every few seconds"
+        " still ends in 408 (Apache mod_reqtimeout MinRate=500). 0 = no rate check.",
+        minimum=0,
+    )
+    shutdown_timeout: float = _opt(
+        30.0, "How long in-flight requests may finish on shutdown (SIGTERM) before they are cut (seconds).",
+        minimum=0.0,
+    )
+    metrics_bind: str | None = _opt(
+        None, "Serve Prometheus /metrics on HOST:PORT (needs the 'prometheus' extra).", metavar="HOST:PORT"
+    )
+
+
+@dataclass(frozen=True)
+class WorkerOptions(TunnelOptions):
     """Settings of a worker pool (the side that dials out and serves the app)."""
 
     proxy: str = _opt(None, "Address of the reverse-HTTP proxy's tunnel port, HOST:PORT.", metavar="HOST:PORT")
-    cert: str | None = _opt(None, "Client certificate (PEM) presented to the proxy. Required.", metavar="FILE")
-    key: str | None = _opt(None, "Private key (PEM) of the client certificate. Required.", metavar="FILE")
     ca: str | None = _opt(
         None, "CA bundle (PEM) that signed the proxy's certificate; system roots when unset.", metavar="FILE"
     )
@@ -152,26 +242,6 @@ class WorkerOptions:
     threads: int = _opt(
         16, "Size of the thread pool that runs the WSGI app (shared by all tunnels).", minimum=1, maximum=10000
     )
-    max_concurrent_streams: int = _opt(
-        100,
-        "SETTINGS_MAX_CONCURRENT_STREAMS advertised per tunnel; more streams get REFUSED_STREAM.",
-        minimum=1,
-        maximum=2**31 - 1,
-    )
-    initial_window_size: int = _opt(
-        1 << 20, "Per-stream receive window advertised (bytes).", minimum=65535, maximum=MAX_WINDOW
-    )
-    connection_window_size: int = _opt(
-        1 << 26, "Connection receive window (bytes).", minimum=65535, maximum=MAX_WINDOW
-    )
-    max_header_list_size: int = _opt(
-        65536,
-        "Largest request header list accepted (bytes, RFC 9113 accounting); a larger one gets 431 without"
-        " running the app. A header block over 4x this (CONTINUATION flood) or an HPACK expansion over 4x"
-        " (HPACK bomb) ends the tunnel with ENHANCE_YOUR_CALM.",
-        minimum=1024,
-        maximum=1 << 24,
-    )
     max_header_count: int = _opt(
         100,
         "Most header fields in a request (pseudo-headers not counted); more get 431 without running the"
@@ -184,20 +254,6 @@ class WorkerOptions:
         "Largest request body accepted (bytes; 0 = unlimited, as in HAProxy, gunicorn and waitress). A"
         " larger Content-Length gets 413 before the app runs; a body that grows past it gets 413, or"
         " RST_STREAM(CANCEL) once the response has started.",
-        minimum=0,
-    )
-    body_timeout: float = _opt(
-        60.0,
-        "Most seconds a wsgi.input read waits for request-body bytes (nginx client_body_timeout, 60 s);"
-        " then the app gets StreamTimeout and the proxy 408 (or RST_STREAM(CANCEL) once the response"
-        " started). 0 = wait forever.",
-        minimum=0.0,
-    )
-    body_min_rate: int = _opt(
-        500,
-        "With body_timeout: the slowest average request-body rate (bytes/s) an app waits for; the"
-        " allowance is body_timeout plus 1 s per body_min_rate bytes received, so a trickle of a byte"
-        " every few seconds still ends in 408 (Apache mod_reqtimeout MinRate=500). 0 = no rate check.",
         minimum=0,
     )
     send_timeout: float = _opt(
@@ -223,48 +279,16 @@ class WorkerOptions:
         " GOAWAY(ENHANCE_YOUR_CALM) (HTTP/2 Rapid Reset, CVE-2023-44487; MadeYouReset, CVE-2025-8671).",
         minimum=0,
     )
-    control_frame_rate: float = _opt(
-        100.0,
-        "PING/SETTINGS frames (each forces a reply), and empty DATA, PRIORITY and unknown frames, the"
-        " proxy may send per second, sustained; beyond it and control_frame_burst the tunnel is closed"
-        " with GOAWAY(ENHANCE_YOUR_CALM) (CVE-2019-9512/9515/9518). 0 = unlimited.",
-        minimum=0.0,
-    )
-    control_frame_burst: int = _opt(
-        1000,
-        "Such frames the proxy may send at once before control_frame_rate applies (like Envoy's"
-        " max_outbound_control_frames, 1000).",
-        minimum=1,
-        maximum=1 << 20,
-    )
-    max_output_backlog: int = _opt(
-        1 << 20,
-        "Bytes of frames (replies to PING/SETTINGS, RST_STREAM, headers) that may wait for a proxy that"
-        " is not reading before the tunnel is closed with ENHANCE_YOUR_CALM (Envoy closes at 10000"
-        " queued frames).",
-        minimum=65536,
-    )
-    ping_interval: float = _opt(30.0, "Idle seconds before a PING is sent.", minimum=0.05, maximum=86400)
-    ping_timeout: float = _opt(15.0, "Seconds to wait for a PING ACK before the tunnel is dropped.", minimum=0.05)
     dial_timeout: float = _opt(10.0, "TCP connect timeout (seconds).", minimum=0.01)
-    handshake_timeout: float = _opt(
-        10.0, "Timeout for the TLS handshake and the proxy's first SETTINGS (seconds).", minimum=0.01
-    )
     reconnect_min: float = _opt(
         0.5, "First retry delay after a failed dial or handshake (seconds, jittered).", minimum=0.0
     )
     reconnect_max: float = _opt(30.0, "Cap of the growing retry delay (seconds).", minimum=0.0)
-    shutdown_timeout: float = _opt(
-        30.0, "How long serve_forever() lets in-flight requests finish on SIGTERM (seconds).", minimum=0.0
-    )
     url_scheme: str = _opt(
         "forwarded",
         "How wsgi.url_scheme is chosen: 'forwarded' (X-Forwarded-Proto, else :scheme), 'pseudo'"
         " (:scheme), or a fixed 'http' / 'https'.",
         choices=URL_SCHEME_POLICIES,
-    )
-    metrics_bind: str | None = _opt(
-        None, "Serve Prometheus /metrics on HOST:PORT (needs the 'prometheus' extra).", metavar="HOST:PORT"
     )
     app: Callable[..., Any] | None = field(default=None, metadata={"cli": False})
 
@@ -315,13 +339,11 @@ class WorkerOptions:
 
 
 @dataclass(frozen=True)
-class ProxyOptions:
+class ProxyOptions(TunnelOptions):
     """Settings of the proxy (tunnel listener + public forwarder)."""
 
     tunnel_bind: str = _opt("0.0.0.0:8443", "Where workers' tunnels are accepted, HOST:PORT.", metavar="HOST:PORT")
     public_bind: str = _opt("0.0.0.0:8080", "Where public HTTP/1.1 clients connect, HOST:PORT.", metavar="HOST:PORT")
-    cert: str | None = _opt(None, "Server certificate (PEM) shown to workers. Required.", metavar="FILE")
-    key: str | None = _opt(None, "Private key of the server certificate. Required.", metavar="FILE")
     workers_ca: str | None = _opt(
         None, "CA bundle that signed the workers' client certificates. Required (mTLS).", metavar="FILE"
     )
@@ -330,26 +352,9 @@ class ProxyOptions:
     selector: str = _opt(
         "least-in-flight", "How a worker is picked per request.", choices=("least-in-flight", "round-robin")
     )
-    max_concurrent_streams: int = _opt(
-        100, "SETTINGS_MAX_CONCURRENT_STREAMS advertised to workers.", minimum=1, maximum=2**31 - 1
-    )
-    initial_window_size: int = _opt(
-        1 << 20, "Per-stream receive window advertised to workers (bytes).", minimum=65535, maximum=MAX_WINDOW
-    )
-    connection_window_size: int = _opt(
-        1 << 26, "Connection receive window advertised to workers (bytes).", minimum=65535, maximum=MAX_WINDOW
-    )
-    max_header_list_size: int = _opt(
-        65536, "Largest response header list accepted from a worker (bytes).", minimum=1024, maximum=1 << 24
-    )
     response_timeout: float = _opt(
         60.0, "Seconds to wait for a worker's response headers before answering 504.", minimum=0.01
     )
-    handshake_timeout: float = _opt(
-        10.0, "Deadline for a worker's TLS handshake, preface and first SETTINGS (seconds).", minimum=0.01
-    )
-    ping_interval: float = _opt(30.0, "Idle seconds before a PING is sent on a tunnel.", minimum=0.05)
-    ping_timeout: float = _opt(15.0, "Seconds to wait for a PING ACK before the tunnel is detached.", minimum=0.05)
     stream_wait: float = _opt(
         2.0,
         "How long a request may wait for a free stream slot when every worker is at its"
@@ -363,20 +368,6 @@ class ProxyOptions:
         " Envoy answer when no server is up).",
         minimum=0.0,
     )
-    control_frame_rate: float = _opt(
-        100.0,
-        "PING/SETTINGS frames (each forces a reply), and empty DATA, PRIORITY and unknown frames, a"
-        " worker may send per second, sustained; beyond it and control_frame_burst the tunnel is"
-        " flooding (CVE-2019-9512/9515/9518) and is detached with GOAWAY(ENHANCE_YOUR_CALM). 0 = unlimited.",
-        minimum=0.0,
-    )
-    control_frame_burst: int = _opt(
-        1000,
-        "Such frames a worker may send at once before control_frame_rate applies (like Envoy's"
-        " max_outbound_control_frames, 1000).",
-        minimum=1,
-        maximum=1 << 20,
-    )
     trust_forwarded: bool = _opt(
         False, "Keep client-supplied X-Forwarded-* headers (only behind a trusted front proxy)."
     )
@@ -384,20 +375,6 @@ class ProxyOptions:
         15.0, "Turnkey server: seconds a client has to send its request head.", minimum=0.01
     )
     idle_timeout: float = _opt(60.0, "Turnkey server: keep-alive idle timeout (seconds).", minimum=0.01)
-    body_timeout: float = _opt(
-        60.0,
-        "Turnkey server: most seconds between two reads of a request body (nginx client_body_timeout);"
-        " a client that stalls longer gets 408 and the connection is closed.",
-        minimum=0.01,
-    )
-    body_min_rate: int = _opt(
-        500,
-        "Turnkey server, with body_timeout: the slowest average request-body rate (bytes/s) accepted; the"
-        " allowance is body_timeout plus 1 s per body_min_rate bytes received, so a trickle of a byte every"
-        " few seconds still ends in 408 (Apache mod_reqtimeout MinRate=500). 0 = no rate check.",
-        minimum=0,
-    )
-    shutdown_timeout: float = _opt(30.0, "Drain time for in-flight forwards on shutdown (seconds).", minimum=0.0)
     retry_after: int = _opt(
         1, "Retry-After (seconds) sent with 503 when no worker is available.", minimum=0, maximum=86400
     )
@@ -410,10 +387,6 @@ class ProxyOptions:
     )
     max_connections: int = _opt(
         1000, "Turnkey server: most concurrent public connections (one thread each; 0 = unlimited).", minimum=0
-    )
-
-    metrics_bind: str | None = _opt(
-        None, "Serve Prometheus /metrics on HOST:PORT (needs the 'prometheus' extra).", metavar="HOST:PORT"
     )
 
     def __post_init__(self) -> None:
