@@ -5,7 +5,7 @@ Two modes:
 ``inline`` (default)
     The worker side is the real code — ``TunnelProtocol("server")``, a
     ``Tunnel`` (never ``run()``: no socket, no thread), ``Tunnel._handle_events_locked``,
-    :func:`rhttp_wsgi.wsgi.run_wsgi` and the writer's flush pass — driven in
+    its stream policy running :func:`rhttp_wsgi.wsgi.run_wsgi` inline, and the writer's flush pass — driven in
     one thread against an HTTP/2 client peer in memory
     (``TunnelProtocol("client")``, i.e. what our proxy runs).  Only the worker's
     steps are timed, with the thread's CPU clock (``thread_time_ns``: time other
@@ -62,9 +62,15 @@ import h2.events  # noqa: E402
 
 from benchmarks import apps  # noqa: E402
 from rhttp_wsgi import _tunnel  # noqa: E402
-from rhttp_wsgi._protocol import ProtocolSettings, TunnelProtocol  # noqa: E402
+from rhttp_wsgi._protocol import TunnelProtocol  # noqa: E402
 from rhttp_wsgi._tunnel import WRITE_BATCH, Channel, Tunnel  # noqa: E402
-from rhttp_wsgi.wsgi import WSGIContext, run_wsgi  # noqa: E402
+from rhttp_wsgi.options import ProxyOptions, WorkerOptions  # noqa: E402
+from rhttp_wsgi.streams import StreamPolicy  # noqa: E402
+from rhttp_wsgi.wsgi import WSGIContext  # noqa: E402
+
+#: The worker's and the proxy's options: the defaults (no file is read, no proxy dialled).
+WORKER_OPTIONS = WorkerOptions(proxy="127.0.0.1:9", cert="unused.crt", key="unused.key")
+PROXY_OPTIONS = ProxyOptions(cert="unused.crt", key="unused.key", workers_ca="unused.ca")
 
 
 #: Request headers as HAProxy sends them for an HTTP/1.1 client (host, no :authority).
@@ -83,14 +89,14 @@ def request_headers(path: str, body: int = 0) -> list[tuple[bytes, bytes]]:
     ]
 
 
-def send_body(conn: Any, sid: int, remaining: int, block: bytes) -> int:
+def send_body(proto: TunnelProtocol, sid: int, remaining: int, block: bytes) -> int:
     """Queue as much of a request body as the windows allow; returns what is left."""
     while remaining:
-        n = min(remaining, conn.local_flow_control_window(sid), conn.max_outbound_frame_size, len(block))
+        n = min(remaining, proto.outbound_window(sid), proto.max_outbound_frame_size, len(block))
         if n <= 0:
             break
         remaining -= n
-        conn.send_data(sid, block[:n], end_stream=not remaining)
+        proto.send_data(sid, block[:n], end_stream=not remaining)
     return remaining
 
 
@@ -145,10 +151,13 @@ class Inline:
         # One thread plays the app and the writer: an app write must never
         # block waiting for a writer pass, so lift the watermark.
         _tunnel.HIGH_WATER = 1 << 62
-        self.worker = TunnelProtocol("server", ProtocolSettings())
-        self.tunnel = Tunnel(None, None, self.worker, name="micro")  # type: ignore[arg-type]
+        self.worker = TunnelProtocol("server", WORKER_OPTIONS)
         self.ctx = WSGIContext(app, remote_addr="127.0.0.1", remote_port=1)
-        self.peer = TunnelProtocol("client", ProtocolSettings())
+        # The stream policy runs each handler inline (no app thread in this mode).
+        policy = StreamPolicy(WORKER_OPTIONS, self.ctx, lambda fn, *args: fn(*args))
+        self.tunnel = Tunnel(None, None, self.worker, WORKER_OPTIONS, name="micro",  # type: ignore[arg-type]
+                             streams=policy)
+        self.peer = TunnelProtocol("client", PROXY_OPTIONS)
         self.headers = request_headers(path, body)
         self.body = body
         self.block = b"u" * 65536
@@ -189,6 +198,8 @@ class Inline:
             events = self.worker.receive(plain, 0.0)
             if events:
                 t._handle_events_locked(events, new)
+                for ch in new:  # as the reader does
+                    ch._handler = True
         return new
 
     def _worker_output(self) -> bytes:
@@ -223,16 +234,15 @@ class Inline:
         for ev in events:
             if type(ev) is h2.events.DataReceived:
                 self.body_bytes += len(ev.data)
-                self.peer.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                self.peer.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
         return events
 
     # -- one request -----------------------------------------------------------
 
     def request(self) -> None:
-        conn = self.peer.h2
-        sid = conn.get_next_available_stream_id()
-        conn.send_headers(sid, self.headers, end_stream=not self.body)
-        left = send_body(conn, sid, self.body, self.block)
+        peer = self.peer
+        sid = peer.open_stream(self.headers, end_stream=not self.body)
+        left = send_body(peer, sid, self.body, self.block)
         # (plus what the peer still owed from the previous request, e.g. WINDOW_UPDATE)
         wire = self._pending + self._peer_output()
         clock = time.thread_time_ns
@@ -244,7 +254,7 @@ class Inline:
             t0 = clock()
             new = self._to_worker(wire)
             for ch in new:
-                run_wsgi(ch, self.ctx)
+                self.tunnel._dispatch(ch)
             out = self._worker_output()
             self.worker_ns += clock() - t0
             if prof is not None:
@@ -255,7 +265,7 @@ class Inline:
                 elif type(ev) is h2.events.StreamReset:
                     raise RuntimeError(f"stream reset: {ev}")
             if left:
-                left = send_body(conn, sid, left, self.block)
+                left = send_body(peer, sid, left, self.block)
             wire = self._peer_output()
             if not out and not wire and not done:
                 raise RuntimeError("the worker stalled")
@@ -336,11 +346,12 @@ def run_threads(args: argparse.Namespace) -> dict[str, Any]:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
     pool = AppThreadPool(16, name="micro-app")
     ctx = WSGIContext(apps.app, remote_addr="127.0.0.1", remote_port=1)
-    proto = TunnelProtocol("server", ProtocolSettings())
-    tunnel = Tunnel(a, None, proto, name="micro", on_stream=lambda ch: pool.submit(run_wsgi, ch, ctx))
+    proto = TunnelProtocol("server", WORKER_OPTIONS)
+    tunnel = Tunnel(a, None, proto, WORKER_OPTIONS, name="micro",
+                    streams=StreamPolicy(WORKER_OPTIONS, ctx, pool.submit))
     reader = threading.Thread(target=tunnel.run, name="micro-reader", daemon=True)
     reader.start()
-    peer = TunnelProtocol("client", ProtocolSettings())
+    peer = TunnelProtocol("client", PROXY_OPTIONS)
     peer.initiate(time.monotonic())
     b.sendall(peer.data_to_send())
     headers = request_headers(args.path, args.body)
@@ -362,7 +373,7 @@ def run_threads(args: argparse.Namespace) -> dict[str, Any]:
             raise RuntimeError("worker closed")
         for ev in peer.receive(data, time.monotonic()):
             if type(ev) is h2.events.DataReceived:
-                peer.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                peer.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
             elif type(ev) is h2.events.StreamEnded:
                 in_flight.discard(ev.stream_id)
                 uploading.pop(ev.stream_id, None)
@@ -370,7 +381,7 @@ def run_threads(args: argparse.Namespace) -> dict[str, Any]:
             elif type(ev) is h2.events.StreamReset:
                 raise RuntimeError(f"stream reset: {ev}")
         for sid, left in list(uploading.items()):
-            uploading[sid] = send_body(peer.h2, sid, left, block)
+            uploading[sid] = send_body(peer, sid, left, block)
             if not uploading[sid]:
                 del uploading[sid]
         out = peer.data_to_send()
@@ -386,10 +397,9 @@ def run_threads(args: argparse.Namespace) -> dict[str, Any]:
         sent = 0
         while done < target:
             while len(in_flight) < args.concurrency and sent < n:
-                sid = peer.h2.get_next_available_stream_id()
-                peer.h2.send_headers(sid, headers, end_stream=not args.body)
+                sid = peer.open_stream(headers, end_stream=not args.body)
                 if args.body:
-                    uploading[sid] = send_body(peer.h2, sid, args.body, block)
+                    uploading[sid] = send_body(peer, sid, args.body, block)
                 in_flight.add(sid)
                 sent += 1
             out = peer.data_to_send()

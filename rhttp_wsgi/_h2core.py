@@ -1,4 +1,4 @@
-"""A lean HTTP/2 connection state machine (RFC 9113) for both tunnel roles.
+"""The HTTP/2 connection state machine of a tunnel end (RFC 9113), for both roles.
 
 Why not ``h2.connection.H2Connection``?  Speed, and the fixes a tunnel needs.
 h2 costs 110-160 µs of CPU per request in memory (a generic state machine per
@@ -10,11 +10,15 @@ priority tree -- with every check RFC 9113 requires on what the peer sends,
 in straight-line code: one loop over the received bytes, a handful of
 integers per stream, and a small cache of header fields already validated.
 
-It keeps h2's *interface* where the tunnel uses it (method names, the
-``h2.events`` classes it returns, the ``h2.exceptions`` it raises, the
-``h2.errors.ErrorCodes``), so ``_tunnel.py`` and the tests read the same; the
-protocol-level fixes that ``_protocol.py`` used to patch into h2 are native
-here (see that module's docstring for the list and the CVEs behind them).
+Interface.  :class:`H2Core` is built from one frozen :class:`H2Config` (as h2
+has ``H2Configuration``) and nothing outside changes it afterwards.  It is fed
+bytes together with the time (:meth:`H2Core.receive_data`), returns events and
+queues the bytes to send (:meth:`H2Core.data_to_send`).  Its vocabulary is
+h2's: the ``h2.events`` classes (plus :class:`StreamRefused` and
+:class:`HeadersOverLimit`), the ``h2.exceptions`` raised by the send methods,
+``h2.errors.ErrorCodes`` and ``h2.settings.SettingCodes``; h2's state machine
+is not used.  The caller is ``_protocol.TunnelProtocol``, which adds the
+preface, liveness and the output backlog bound.
 
 Thread model: none.  Not thread-safe; the owner serialises every call (the
 tunnel lock).  Sans-I/O: fed bytes and ``now``, it queues bytes to send.
@@ -26,24 +30,49 @@ Errors:
   connection is then dead (``closed``);
 * a **stream error** queues RST_STREAM and returns an ``h2.events.StreamReset``
   with ``remote_reset=False``; every other stream goes on.
+
+Protocol, not policy: the core enforces RFC 9113 and the protocol-level abuse
+bounds (flood and reset budgets, header block and HPACK expansion sizes).  What
+is answered with an HTTP status is the stream owner's decision: a request above
+the soft header limits is *reported* (:class:`HeadersOverLimit`), not answered.
+
+Leniency where the RFC allows a connection error but interoperability needs
+less (each bounded, so no peer can use it to grow our state or work for free):
+
+* RST_STREAM on an idle stream is ignored, as h2 does, and charged to the
+  flood budget: HAProxy sends it on stream ids it never opened (up to six per
+  public request asking for a WebSocket when we did not advertise
+  SETTINGS_ENABLE_CONNECT_PROTOCOL, from its retries);
+* closed streams: any id at or below the highest stream id seen (per parity)
+  that is not open is closed.  How it closed is remembered for the most recent
+  :data:`CLOSED_STREAM_MEMORY` closures, which gives late frames the RFC's
+  verdict (§5.1: ignored after our RST_STREAM; STREAM_CLOSED after the peer's
+  RST_STREAM or after END_STREAM both ways).  For an older stream the way it
+  closed is forgotten, and a late DATA or HEADERS is ignored (DATA credited
+  back to the connection window): frames in flight on a stream we reset must
+  be ignored however many streams closed since (§5.1), and telling that stream
+  from one closed normally would need memory for every stream ever closed.
+  nghttp2 does the same ("we are very conservative here").
 """
 
 from __future__ import annotations
 
-import re
 import struct
+from dataclasses import dataclass
 from typing import Any
 
 import h2.events as ev
 import h2.exceptions as h2x
 from h2.errors import ErrorCodes
 from h2.settings import ChangedSetting, SettingCodes
-from hpack import HeaderTuple, NeverIndexedHeaderTuple
+from hpack import NeverIndexedHeaderTuple
 from hpack.exceptions import HPACKError, OversizedHeaderListError
 
 from ._hpack import Decoder, Encoder
+from ._http import BAD_VALUE, CONNECTION_SPECIFIC, H2_BAD_NAME, content_length, join_cookies
 
-__all__ = ["H2Core", "RequestRejected", "Settings", "StreamRefused"]
+__all__ = ["CLOSED_STREAM_MEMORY", "H2Config", "H2Core", "HeadersOverLimit", "RateLimiter", "Settings",
+           "StreamRefused"]
 
 # Frame types (RFC 9113 §6) and flags.
 DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = range(10)
@@ -57,6 +86,9 @@ MAX_WINDOW = 2**31 - 1
 #: h2's cap on CONTINUATION frames per header block (kept: an empty-CONTINUATION
 #: flood grows no byte count, so the frame count is what stops it).
 MAX_CONTINUATIONS = 64
+#: How many closed streams keep the way they closed (see the module docstring):
+#: seconds of history at thousands of streams per second.
+CLOSED_STREAM_MEMORY = 4096
 
 _HEAD = struct.Struct(">BHBBL")  # length (24 bits as 8+16), type, flags, stream id
 _U32 = struct.Struct(">L")
@@ -68,15 +100,11 @@ _ENDED = 0        # both sides sent END_STREAM: late frames are a connection err
 _RESET_SENT = 1   # we sent RST_STREAM: late frames are ignored
 _RESET_RECV = 2   # the peer sent RST_STREAM: late frames are a stream error
 
-_CONNECTION_SPECIFIC = frozenset((b"connection", b"proxy-connection", b"keep-alive", b"transfer-encoding",
-                                  b"upgrade"))
 _REQUEST_PSEUDO = frozenset((b":method", b":scheme", b":authority", b":path", b":protocol"))
-# Field names: RFC 9113 §8.2.1 forbids 0x00-0x20, 0x41-0x5a (uppercase), 0x7f-0xff and ':'.
-_BAD_NAME = re.compile(rb"[\x00-\x20A-Z:\x7f-\xff]")
-# Field values: no NUL, CR, LF anywhere; no SP/HTAB at either end.
-_BAD_VALUE = re.compile(rb"[\x00\r\n]|\A[ \t]|[ \t]\Z")
 #: Names whose meaning is checked beyond the generic rules: never cached as "plain".
-_SPECIAL = _CONNECTION_SPECIFIC | {b"te", b"host", b"content-length", b"cookie"}
+_SPECIAL = CONNECTION_SPECIFIC | {b"te", b"host", b"content-length", b"cookie"}
+#: "No limit" for the soft header limits (an integer compare stays one compare).
+_UNLIMITED = 1 << 62
 
 
 def _setting_code(code: int) -> SettingCodes | int:
@@ -93,13 +121,95 @@ def _error_code(code: int) -> ErrorCodes | int:
         return code
 
 
+@dataclass(frozen=True)
+class H2Config:
+    """Everything an :class:`H2Core` is told, once, at construction (like h2's ``H2Configuration``).
+
+    What we advertise in our SETTINGS, and the limits enforced on what the peer sends.
+    ``_protocol.TunnelProtocol`` derives one from the tunnel's options.
+    """
+
+    #: True: we open the (odd) streams, as the proxy does.  False: the peer opens them (the worker).
+    client_side: bool
+    #: Normalise and check the header lists we send (lowercase names, connection-specific fields
+    #: dropped, surrounding whitespace stripped, a well-formed request), as h2's outbound
+    #: normalisation and validation did.  Off where every list we send is built and checked above.
+    validate_outbound: bool = True
+    # -- advertised in our SETTINGS ----------------------------------------------------------------
+    max_concurrent_streams: int = 100
+    initial_window_size: int = 65535
+    max_frame_size: int = 16384
+    #: SETTINGS_MAX_HEADER_LIST_SIZE; None: not advertised.
+    max_header_list_size: int | None = None
+    #: Advertise SETTINGS_ENABLE_CONNECT_PROTOCOL=1 and accept extended CONNECT requests (RFC 8441).
+    #: Off: a request with ``:protocol`` is malformed.
+    enable_connect_protocol: bool = False
+    # -- limits on what the peer sends ---------------------------------------------------------------
+    #: Largest header block (HEADERS + CONTINUATION payload bytes) before ENHANCE_YOUR_CALM
+    #: (CONTINUATION flood).
+    max_header_block: int = 1 << 20
+    #: The HPACK decoder's hard limit on a decoded header list (RFC 9113 accounting): beyond it
+    #: decoding stops, a connection error (ENHANCE_YOUR_CALM) since the HPACK state is then unusable.
+    hard_max_header_list_size: int = 1 << 31
+    #: Server role, soft limits (0 = off): a request with more fields (pseudo-headers not
+    #: counted) or a larger list is reported as :class:`HeadersOverLimit` instead of a request.
+    #: Trailers above them are malformed (RFC 9113 §10.5.1).
+    soft_max_header_count: int = 0
+    soft_max_header_list_size: int = 0
+    #: Flood guard (CVE-2019-9512/9515/9518): frames that force a reply or make no progress, at
+    #: most ``control_frame_burst`` at once and ``control_frame_rate`` per second sustained,
+    #: beyond which ENHANCE_YOUR_CALM.  A rate of 0 turns the guard off.
+    control_frame_rate: float = 0.0
+    control_frame_burst: int = 1000
+    #: Reset budget (Rapid Reset CVE-2023-44487, MadeYouReset CVE-2025-8671), server role:
+    #: ``max_resets`` stream resets per ``reset_window`` seconds (0 = off), beyond which
+    #: ENHANCE_YOUR_CALM.
+    max_resets: int = 0
+    reset_window: float = 10.0
+    #: Largest HPACK dynamic table our encoder keeps, whatever the peer's
+    #: SETTINGS_HEADER_TABLE_SIZE allows (RFC 7541 §4.2 lets the encoder use less; nghttp2
+    #: and Go cap it at 4,096 too): a peer's 2^32-1 would have us keep every distinct field.
+    max_encoder_table_size: int = 4096
+
+
+class RateLimiter:
+    """A token bucket fed the time: ``burst`` events at once, refilled at ``rate`` per second.
+
+    The one rate-limiter type of the core: the control-frame flood guard and the
+    stream-reset budget are both one of these.  The bucket starts full.
+    """
+
+    __slots__ = ("_stamp", "_tokens", "burst", "rate")
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate = float(rate)
+        self.burst = float(burst)
+        self._tokens = self.burst
+        self._stamp = 0.0
+
+    def take(self, now: float) -> bool:
+        """Spend one token at time ``now``; False (and nothing spent) when the bucket is empty."""
+        tokens = self._tokens
+        elapsed = now - self._stamp
+        self._stamp = now
+        if elapsed > 0:
+            tokens += elapsed * self.rate
+            if tokens > self.burst:
+                tokens = self.burst
+        if tokens < 1.0:
+            self._tokens = tokens
+            return False
+        self._tokens = tokens - 1.0
+        return True
+
+
 class StreamRefused(ev.Event):
     """A peer-initiated stream was refused (beyond MAX_CONCURRENT_STREAMS or while draining)."""
 
     def __init__(self, stream_id: int, error_code: ErrorCodes, abusive: bool = False) -> None:
         self.stream_id = stream_id
         self.error_code = error_code
-        #: The peer ignored our advertised limit (counts toward ``max_resets``);
+        #: The peer ignored our advertised limit (charged to the reset budget);
         #: False for refusals that are our doing (draining, busy).
         self.abusive = abusive
 
@@ -107,16 +217,24 @@ class StreamRefused(ev.Event):
         return f"<StreamRefused stream_id:{self.stream_id}, error_code:{self.error_code!r}>"
 
 
-class RequestRejected(ev.Event):
-    """Server role: a request answered by the core itself (431); it never becomes a stream event."""
+class HeadersOverLimit(ev.Event):
+    """Server role: a request whose header list is above the soft limits (count or size).
 
-    def __init__(self, stream_id: int, status: int, reason: str) -> None:
+    Reported *instead of* ``RequestReceived``.  The block was decoded (HPACK is in
+    sync) and the stream is left open -- half-closed (remote) when ``stream_ended``
+    -- for its owner to answer: 431 (RFC 9113 §10.5.1, RFC 6585 §5) and, while the
+    request body is still coming (``stream_ended`` False), RST_STREAM(NO_ERROR)
+    after the answer (RFC 9113 §8.1).  DATA still arriving on it is reported as usual.
+    """
+
+    def __init__(self, stream_id: int, reason: str, stream_ended: bool) -> None:
         self.stream_id = stream_id
-        self.status = status
         self.reason = reason
+        self.stream_ended = stream_ended
 
     def __repr__(self) -> str:
-        return f"<RequestRejected stream_id:{self.stream_id}, status:{self.status}, reason:{self.reason!r}>"
+        return (f"<HeadersOverLimit stream_id:{self.stream_id}, reason:{self.reason!r}, "
+                f"stream_ended:{self.stream_ended}>")
 
 
 class _ConnectionError(h2x.ProtocolError):
@@ -132,10 +250,10 @@ class Malformed(Exception):
 
 
 class Settings:
-    """One side's settings (RFC 9113 §6.5.2), with h2's attribute names."""
+    """The peer's settings (RFC 9113 §6.5.2, RFC 8441 §3), with h2's attribute names."""
 
-    __slots__ = ("enable_push", "header_table_size", "initial_window_size", "max_concurrent_streams",
-                 "max_frame_size", "max_header_list_size")
+    __slots__ = ("enable_connect_protocol", "enable_push", "header_table_size", "initial_window_size",
+                 "max_concurrent_streams", "max_frame_size", "max_header_list_size")
 
     def __init__(self) -> None:
         self.header_table_size = 4096
@@ -144,14 +262,15 @@ class Settings:
         self.initial_window_size = 65535
         self.max_frame_size = 16384
         self.max_header_list_size: int | None = None
+        self.enable_connect_protocol = 0
 
 
 class Stream:
     """Per-stream state: a few integers instead of a state-machine object."""
 
-    __slots__ = ("_actual_content_length", "_expected_content_length", "closed", "got_headers", "in_max",
-                 "in_processed", "in_window", "inbound", "no_content", "out_window", "recv_open", "send_open",
-                 "sent_headers", "stream_id")
+    __slots__ = ("expected_length", "got_headers", "in_max", "in_processed", "in_window", "inbound",
+                 "no_content", "out_window", "received_length", "recv_open", "send_open", "sent_headers",
+                 "stream_id")
 
     def __init__(self, stream_id: int, inbound: bool, in_window: int, out_window: int) -> None:
         self.stream_id = stream_id
@@ -164,9 +283,8 @@ class Stream:
         self.in_max = in_window
         self.in_processed = 0             # consumed by the app, not yet returned
         self.out_window = out_window      # what we may still send
-        self._expected_content_length: int | None = None
-        self._actual_content_length = 0
-        self.closed = False
+        self.expected_length: int | None = None  # the message's content-length
+        self.received_length = 0          # DATA bytes received (checked against it)
         self.no_content = False           # client role: we sent a HEAD request (its response has no content)
 
 
@@ -178,23 +296,27 @@ def _window_increment(current: int, maximum: int, processed: int) -> int:
 
 
 class H2Core:
-    """One HTTP/2 connection.  ``client_side``: we open the (odd) streams; else the peer does."""
+    """One HTTP/2 connection, configured once by an :class:`H2Config`.
 
-    #: How many closed streams are remembered, to tell a late frame on a stream
-    #: we reset (ignored) from one on a stream closed normally (an error).
-    #: 4096 covers seconds of history at thousands of streams per second.
-    MAX_CLOSED_STREAMS = 4096
+    Public state, read-only from outside: ``streams`` (open streams by id),
+    ``remote_settings``, ``closed`` (after a connection error or :meth:`terminate`),
+    ``highest_inbound_stream_id`` / ``highest_outbound_stream_id``,
+    ``open_inbound_streams`` / ``open_outbound_streams``, the connection windows
+    ``outbound_flow_control_window`` (what we may send) and ``inbound_window``
+    (what the peer may send), :attr:`draining` and :attr:`lingering_handlers`.
+    """
 
-    def __init__(self, client_side: bool, local: Settings, *, validate_outbound: bool) -> None:
-        self.client_side = client_side
-        self.local_settings = local
+    def __init__(self, config: H2Config) -> None:
+        self.config = config
+        self.client_side = config.client_side
         self.remote_settings = Settings()
-        self.validate_outbound = validate_outbound
         self.encoder = Encoder()
-        self.decoder = Decoder()
-        self.decoder.max_header_list_size = local.max_header_list_size or 2**31
+        self.decoder = Decoder(config.hard_max_header_list_size)
         self.streams: dict[int, Stream] = {}
+        #: How recently closed streams ended (see the module docstring), oldest first.
         self._closed: dict[int, int] = {}
+        #: Per parity (index sid & 1): the highest stream id whose closure was forgotten.
+        self._forgotten = [0, 0]
         self.highest_inbound_stream_id = 0
         self.highest_outbound_stream_id = 0
         self.open_inbound_streams = 0
@@ -203,7 +325,7 @@ class H2Core:
         self.inbound_window = 65535
         self.inbound_max = 65535
         self.inbound_processed = 0
-        self._data_to_send = bytearray()
+        self._out = bytearray()
         self._inbuf = bytearray()
         # An unfinished header block: (stream id, flags of its HEADERS, fragments, size, frames)
         self._block_sid = 0
@@ -212,27 +334,29 @@ class H2Core:
         self._block_size = 0
         self._block_frames = 0
         self.closed = False
-        # -- limits set by the owner (TunnelProtocol) ---------------------------------------
-        #: Largest header block (HEADERS + CONTINUATION) before ENHANCE_YOUR_CALM.
-        self.max_header_block = 1 << 20
-        #: Server role: a request above these gets 431 (0 = off).
-        self.max_header_count = 0
-        self.max_header_list = 0
-        #: Set by the owner once it sent GOAWAY: new peer streams are refused.
-        self.draining = False
-        #: App calls still running for ended streams (kept by the tunnel; see _protocol).
-        self.lingering_handlers = 0
-        #: Streams reset during the current read (the tunnel counts them as lingering after it).
-        self.resets_this_read = 0
-        #: Server role: a token bucket over stream resets (None = unlimited).
-        self.reset_bucket: Any = None
-        #: Flood guard over reply-forcing / no-progress frames.
-        self.flood_rate = 0.0
-        self.flood_burst = 0.0
-        self._flood_tokens = 0.0
-        self._flood_at = 0.0
-        #: The time of the bytes being fed (sans-I/O clock for the buckets).
-        self.now = 0.0
+        # Configuration read on hot paths, as plain attributes.
+        self._validate = config.validate_outbound
+        self._max_streams = config.max_concurrent_streams
+        self._init_window = config.initial_window_size
+        self._max_frame = config.max_frame_size
+        self._max_block = config.max_header_block
+        self._connect = config.enable_connect_protocol
+        self._soft_limits = bool(config.soft_max_header_count or config.soft_max_header_list_size)
+        self._soft_count = config.soft_max_header_count or _UNLIMITED
+        self._soft_size = config.soft_max_header_list_size or _UNLIMITED
+        # A field decodes to at most 32 + one dynamic-table entry + 8/5 of its literal
+        # octets (Huffman's shortest code is 5 bits): the cheap bound of _new_request.
+        self._field_bound = 32 + self.decoder.max_allowed_table_size
+        self._flood = RateLimiter(config.control_frame_rate, config.control_frame_burst) \
+            if config.control_frame_rate > 0 else None
+        self._resets = RateLimiter(config.max_resets / config.reset_window, config.max_resets) \
+            if config.max_resets and not config.client_side else None
+        #: The time of the bytes being parsed (the rate limiters' clock).
+        self._now = 0.0
+        self._draining = False
+        self._lingering = 0
+        #: Streams reset during the current receive_data call (see _new_request).
+        self._resets_this_read = 0
         # Header fields that passed validation (plain names only, short ones
         # only): a repeated field costs one set lookup.  Bounded: at most 2048
         # fields of <= 256 bytes (cleared when full), so a peer sending unique
@@ -243,25 +367,29 @@ class H2Core:
 
     @property
     def max_outbound_frame_size(self) -> int:
+        """The largest DATA payload the peer accepts (its SETTINGS_MAX_FRAME_SIZE)."""
         return self.remote_settings.max_frame_size
 
-    def initiate_connection(self) -> None:
-        """Queue our SETTINGS (every value we differ from the default on, plus ENABLE_PUSH=0 as a client)."""
-        s = self.local_settings
+    def initiate_connection(self, preamble: bytes = b"") -> None:
+        """Queue ``preamble`` (raw bytes: the worker, which dials, writes the client preface
+        although it plays the server), then our SETTINGS: every value we differ from the
+        default on (ENABLE_PUSH=0 as a client)."""
+        self._out += preamble
+        c = self.config
         payload = b""
         if self.client_side:
             payload += _SETTING.pack(SettingCodes.ENABLE_PUSH, 0)
-        payload += _SETTING.pack(SettingCodes.MAX_CONCURRENT_STREAMS, s.max_concurrent_streams)
-        payload += _SETTING.pack(SettingCodes.INITIAL_WINDOW_SIZE, s.initial_window_size)
-        payload += _SETTING.pack(SettingCodes.MAX_FRAME_SIZE, s.max_frame_size)
-        if s.max_header_list_size is not None:
-            payload += _SETTING.pack(SettingCodes.MAX_HEADER_LIST_SIZE, s.max_header_list_size)
+        payload += _SETTING.pack(SettingCodes.MAX_CONCURRENT_STREAMS, c.max_concurrent_streams)
+        payload += _SETTING.pack(SettingCodes.INITIAL_WINDOW_SIZE, c.initial_window_size)
+        payload += _SETTING.pack(SettingCodes.MAX_FRAME_SIZE, c.max_frame_size)
+        if c.max_header_list_size is not None:
+            payload += _SETTING.pack(SettingCodes.MAX_HEADER_LIST_SIZE, c.max_header_list_size)
+        if c.enable_connect_protocol:
+            payload += _SETTING.pack(SettingCodes.ENABLE_CONNECT_PROTOCOL, 1)
         self._frame(SETTINGS, 0, 0, payload)
 
-    def increment_flow_control_window(self, increment: int, stream_id: int | None = None) -> None:
+    def increment_flow_control_window(self, increment: int) -> None:
         """Open the connection's receive window by ``increment`` (WINDOW_UPDATE on stream 0)."""
-        if stream_id:
-            raise NotImplementedError("stream windows follow SETTINGS_INITIAL_WINDOW_SIZE")
         if not 1 <= increment <= MAX_WINDOW - self.inbound_window:
             raise ValueError(f"window increment {increment} out of range")
         self.inbound_window += increment
@@ -271,13 +399,22 @@ class H2Core:
     # -- output ---------------------------------------------------------------------------
 
     def data_to_send(self) -> bytes:
-        out = bytes(self._data_to_send)
-        self._data_to_send.clear()
+        """Take every queued byte."""
+        out = bytes(self._out)
+        self._out.clear()
         return out
+
+    def has_output(self) -> bool:
+        """Are bytes queued?"""
+        return bool(self._out)
+
+    def pending_output(self) -> int:
+        """How many bytes are queued (not yet taken by :meth:`data_to_send`)."""
+        return len(self._out)
 
     def _frame(self, ftype: int, flags: int, sid: int, payload: bytes | bytearray | memoryview) -> None:
         n = len(payload)
-        out = self._data_to_send
+        out = self._out
         out += _HEAD.pack(n >> 16, n & 0xFFFF, ftype, flags, sid)
         if n:
             out += payload
@@ -286,17 +423,68 @@ class H2Core:
         self._frame(RST_STREAM, 0, sid, _U32.pack(code))
 
     def ping(self, opaque_data: bytes) -> None:
+        """Queue a PING with these 8 bytes."""
         if len(opaque_data) != 8:
             raise ValueError("PING payload must be 8 bytes")
         self._frame(PING, 0, 0, opaque_data)
 
+    def send_goaway(self, last_stream_id: int, code: int = ErrorCodes.NO_ERROR) -> None:
+        """Queue GOAWAY without closing: streams up to ``last_stream_id`` may still complete (§6.8)."""
+        self._frame(GOAWAY, 0, 0, _GOAWAY.pack(last_stream_id, code))
+
+    def terminate(self, code: int) -> None:
+        """Connection error: queue GOAWAY(``code``) with the last stream we processed; then ``closed``."""
+        if self.closed:
+            return
+        self.closed = True
+        self._frame(GOAWAY, 0, 0, _GOAWAY.pack(self.highest_inbound_stream_id, code))
+
+    def _fail(self, code: ErrorCodes, message: str) -> _ConnectionError:
+        self.terminate(code)
+        return _ConnectionError(message, code)
+
+    # -- streams we serve or open -----------------------------------------------------------
+
+    @property
+    def draining(self) -> bool:
+        """Set by :meth:`stop_new_streams`: new peer streams get REFUSED_STREAM."""
+        return self._draining
+
+    def stop_new_streams(self) -> None:
+        """Refuse (REFUSED_STREAM) every stream the peer opens from now on (after our GOAWAY)."""
+        self._draining = True
+
+    @property
+    def lingering_handlers(self) -> int:
+        """Handlers still running for streams that already ended (see :meth:`handler_lingered`)."""
+        return self._lingering
+
+    def handler_lingered(self) -> None:
+        """A stream ended while its handler (app call) still runs: it holds a stream slot.
+
+        At MAX_CONCURRENT_STREAMS such handlers new streams get REFUSED_STREAM, so
+        resets cannot pile up handlers (or a queue) behind the limit we advertised.
+        """
+        self._lingering += 1
+
+    def handler_returned(self) -> None:
+        """A handler counted by :meth:`handler_lingered` returned: its slot is free."""
+        self._lingering -= 1
+
+    def expected_content_length(self, stream_id: int) -> int | None:
+        """The content-length of the message received on an open stream (None: absent or no stream)."""
+        st = self.streams.get(stream_id)
+        return None if st is None else st.expected_length
+
     def get_next_available_stream_id(self) -> int:
+        """Client role: the id of the next stream we may open (NoAvailableStreamIDError past 2^31-1)."""
         nxt = self.highest_outbound_stream_id + 2 if self.highest_outbound_stream_id else (1 if self.client_side else 2)
         if nxt > MAX_WINDOW:
             raise h2x.NoAvailableStreamIDError("no stream id left on this connection")
         return nxt
 
     def local_flow_control_window(self, stream_id: int) -> int:
+        """What we may send on ``stream_id`` now: the smaller of its window and the connection's."""
         st = self.streams.get(stream_id)
         if st is None:
             raise h2x.StreamClosedError(stream_id)
@@ -304,6 +492,7 @@ class H2Core:
         return st.out_window if st.out_window < w else w
 
     def send_headers(self, stream_id: int, headers: list[Any], end_stream: bool = False) -> None:
+        """Queue a header block: a request (client role: opens the stream), a response, or trailers."""
         if self.closed:
             raise h2x.ProtocolError("connection closed")
         st = self.streams.get(stream_id)
@@ -315,11 +504,10 @@ class H2Core:
                 raise h2x.NoAvailableStreamIDError(f"stream id {stream_id} above 2^31-1")
             if self.open_outbound_streams >= self.remote_settings.max_concurrent_streams:
                 raise h2x.TooManyStreamsError("peer's SETTINGS_MAX_CONCURRENT_STREAMS reached")
-            if self.validate_outbound:
+            if self._validate:
                 headers = _normalize_outbound(headers)
-                _check_request(headers)
-            st = Stream(stream_id, False, self.local_settings.initial_window_size,
-                        self.remote_settings.initial_window_size)
+                _check_request(headers, bool(self.remote_settings.enable_connect_protocol))
+            st = Stream(stream_id, False, self._init_window, self.remote_settings.initial_window_size)
             # RFC 9113 §8.1.1: the response to HEAD has no content (see _header_block).
             st.no_content = (b":method", b"HEAD") in headers or (":method", "HEAD") in headers
             self.streams[stream_id] = st
@@ -330,9 +518,9 @@ class H2Core:
         elif st.sent_headers:
             if not end_stream:
                 raise h2x.ProtocolError("trailers must end the stream")
-            if self.validate_outbound:
+            if self._validate:
                 headers = _normalize_outbound(headers)
-        elif self.validate_outbound:
+        elif self._validate:
             headers = _normalize_outbound(headers)
         st.sent_headers = True
         block = self.encoder.encode(headers)
@@ -349,6 +537,7 @@ class H2Core:
             self._end_send(st)
 
     def send_data(self, stream_id: int, data: bytes | memoryview, end_stream: bool = False) -> None:
+        """Queue one DATA frame (within both windows and the peer's MAX_FRAME_SIZE)."""
         st = self.streams.get(stream_id)
         if st is None or not st.send_open or self.closed:
             raise h2x.StreamClosedError(stream_id)
@@ -359,7 +548,7 @@ class H2Core:
             raise h2x.FrameTooLargeError(f"{n} bytes exceed the peer's MAX_FRAME_SIZE")
         st.out_window -= n
         self.outbound_flow_control_window -= n
-        out = self._data_to_send
+        out = self._out
         out += _HEAD.pack(n >> 16, n & 0xFFFF, DATA, F_END_STREAM if end_stream else 0, stream_id)
         if n:
             out += data
@@ -367,9 +556,15 @@ class H2Core:
             self._end_send(st)
 
     def end_stream(self, stream_id: int) -> None:
+        """End our side of the stream (an empty DATA frame with END_STREAM)."""
         self.send_data(stream_id, b"", end_stream=True)
 
     def reset_stream(self, stream_id: int, error_code: int = ErrorCodes.NO_ERROR) -> None:
+        """Queue RST_STREAM and close the stream; late frames on it are then ignored (§5.1).
+
+        Raises ``StreamClosedError`` for a stream already closed and ``NoSuchStreamError``
+        for one never opened.
+        """
         st = self.streams.get(stream_id)
         if st is None:
             if stream_id in self._closed or stream_id <= max(self.highest_inbound_stream_id,
@@ -398,17 +593,6 @@ class H2Core:
                 st.in_window += inc
                 self._frame(WINDOW_UPDATE, 0, stream_id, _U32.pack(inc))
 
-    def _terminate_connection(self, error_code: int) -> None:
-        """Connection error: queue GOAWAY with the last stream we processed."""
-        if self.closed:
-            return
-        self.closed = True
-        self._frame(GOAWAY, 0, 0, _GOAWAY.pack(self.highest_inbound_stream_id, error_code))
-
-    def _fail(self, code: ErrorCodes, message: str) -> _ConnectionError:
-        self._terminate_connection(code)
-        return _ConnectionError(message, code)
-
     # -- stream bookkeeping ---------------------------------------------------------------
 
     def _end_send(self, st: Stream) -> None:
@@ -422,7 +606,6 @@ class H2Core:
             self._close(st, _ENDED)
 
     def _close(self, st: Stream, how: int) -> None:
-        st.closed = True
         st.recv_open = st.send_open = False
         sid = st.stream_id
         if self.streams.pop(sid, None) is not None:
@@ -430,10 +613,17 @@ class H2Core:
                 self.open_inbound_streams -= 1
             else:
                 self.open_outbound_streams -= 1
+        self._remember(sid, how)
+
+    def _remember(self, sid: int, how: int) -> None:
+        """Keep how ``sid`` closed, for the most recent CLOSED_STREAM_MEMORY closures."""
         closed = self._closed
         closed[sid] = how
-        if len(closed) > self.MAX_CLOSED_STREAMS:
-            del closed[next(iter(closed))]
+        if len(closed) > CLOSED_STREAM_MEMORY:
+            old = next(iter(closed))
+            del closed[old]
+            if old > self._forgotten[old & 1]:
+                self._forgotten[old & 1] = old
 
     def _stream_error(self, st: Stream, code: ErrorCodes) -> ev.StreamReset:
         self._rst(st.stream_id, code)
@@ -442,32 +632,29 @@ class H2Core:
         return ev.StreamReset(stream_id=st.stream_id, error_code=code, remote_reset=False)
 
     def _charge_reset(self) -> None:
-        """Server role: every stream reset the peer causes draws on the reset bucket (Rapid Reset, MadeYouReset)."""
-        self.resets_this_read += 1
-        bucket = self.reset_bucket
-        if bucket is not None and not bucket.take(self.now):
+        """Server role: every stream reset the peer causes draws on the reset budget (Rapid Reset, MadeYouReset)."""
+        self._resets_this_read += 1
+        if self._resets is not None and not self._resets.take(self._now):
+            c = self.config
             raise self._fail(ErrorCodes.ENHANCE_YOUR_CALM,
-                             f"more than {bucket.capacity:g} stream resets in {bucket.window:g}s")
+                             f"more than {c.max_resets} stream resets in {c.reset_window:g}s")
 
     def _control_frame(self, kind: str) -> None:
-        """Charge one reply-forcing or no-progress frame to the flood bucket (CVE-2019-9512/9515/9518)."""
-        if self.flood_rate <= 0:
-            return
-        elapsed = self.now - self._flood_at
-        self._flood_at = self.now
-        tokens = self._flood_tokens + (elapsed * self.flood_rate if elapsed > 0 else 0.0)
-        if tokens > self.flood_burst:
-            tokens = self.flood_burst
-        if tokens < 1.0:
-            raise self._fail(ErrorCodes.ENHANCE_YOUR_CALM,
-                             f"{kind} flood: more than {self.flood_burst:g} at once or {self.flood_rate:g}/s")
-        self._flood_tokens = tokens - 1.0
+        """Charge one reply-forcing or no-progress frame to the flood budget (CVE-2019-9512/9515/9518)."""
+        if self._flood is not None and not self._flood.take(self._now):
+            c = self.config
+            raise self._fail(ErrorCodes.ENHANCE_YOUR_CALM, f"{kind} flood: more than {c.control_frame_burst} "
+                                                           f"at once or {c.control_frame_rate:g}/s")
 
     def _idle(self, sid: int) -> bool:
-        """A stream id the peer never used (RFC 9113 §5.1 "idle"), as seen from a frame on it."""
+        """A stream id not used yet (RFC 9113 §5.1 "idle"), as seen from a frame on it."""
         if sid % 2 == (0 if self.client_side else 1):  # peer-initiated parity
             return sid > self.highest_inbound_stream_id
         return sid > self.highest_outbound_stream_id
+
+    def _forgotten_closed(self, sid: int) -> bool:
+        """A closed stream whose way of closing is no longer remembered (see the module docstring)."""
+        return sid <= self._forgotten[sid & 1] and sid not in self._closed
 
     # -- input ----------------------------------------------------------------------------
 
@@ -475,10 +662,16 @@ class H2Core:
         """Bytes of an unfinished header block (HEADERS without END_HEADERS yet)."""
         return self._block_size
 
-    def receive_data(self, data: bytes) -> list[ev.Event]:
-        """Parse every complete frame in ``data`` (plus what was buffered); return the events."""
+    def receive_data(self, data: bytes, now: float) -> list[ev.Event]:
+        """Parse every complete frame in ``data`` (plus what was buffered), received at ``now``.
+
+        Returns the events.  Raises ``h2.exceptions.ProtocolError`` (``error_code`` set,
+        GOAWAY queued) on a connection error.
+        """
         if self.closed:
             return []
+        self._now = now
+        self._resets_this_read = 0
         buf: bytes | bytearray
         if self._inbuf:
             self._inbuf += data
@@ -488,7 +681,7 @@ class H2Core:
         events: list[ev.Event] = []
         pos = 0
         end = len(buf)
-        max_frame = self.local_settings.max_frame_size
+        max_frame = self._max_frame
         unpack = _HEAD.unpack_from
         while end - pos >= 9:
             hi, lo, ftype, flags, sid = unpack(buf, pos)
@@ -526,6 +719,10 @@ class H2Core:
         if not sid:
             raise self._fail(ErrorCodes.PROTOCOL_ERROR, "DATA on stream 0")
         flow = len(payload)
+        end_stream = flags & F_END_STREAM
+        if not flow and not end_stream:
+            # An empty DATA frame carries nothing (CVE-2019-9518 empty-frames flood).
+            self._control_frame("empty DATA")
         if flags & F_PADDED:
             payload = self._unpad(payload, "DATA")
         # Every DATA frame counts against the connection window, whatever its stream (§6.9).
@@ -554,15 +751,11 @@ class H2Core:
             events.append(self._stream_error(st, ErrorCodes.FLOW_CONTROL_ERROR))
             return
         st.in_window -= flow
-        end_stream = flags & F_END_STREAM
-        if not flow and not end_stream:
-            # An empty DATA frame carries nothing (CVE-2019-9518 empty-frames flood).
-            self._control_frame("empty DATA")
         data = bytes(payload)
-        expected = st._expected_content_length
+        expected = st.expected_length
         if expected is not None:
-            st._actual_content_length += len(data)
-            if st._actual_content_length > expected or (end_stream and st._actual_content_length != expected):
+            st.received_length += len(data)
+            if st.received_length > expected or (end_stream and st.received_length != expected):
                 # Malformed (§8.1.1): a stream error; the bytes go back to the connection.
                 self.acknowledge_received_data(flow, 0)
                 events.append(self._stream_error(st, ErrorCodes.PROTOCOL_ERROR))
@@ -584,7 +777,7 @@ class H2Core:
         return payload[1:len(payload) - pad]
 
     def _on_closed_stream_frame(self, sid: int, what: str, events: list[ev.Event]) -> None:
-        """A frame that needs an open stream arrived on a stream that is not open."""
+        """A frame that needs an open stream (DATA, HEADERS) arrived on a stream that is not open."""
         how = self._closed.get(sid)
         if how == _RESET_SENT:
             return  # frames in flight when our RST_STREAM left: ignore (§5.1)
@@ -592,11 +785,14 @@ class H2Core:
             self._rst(sid, ErrorCodes.STREAM_CLOSED)
             self._charge_reset()
             return
-        if how is None and self._idle(sid):
-            raise self._fail(ErrorCodes.PROTOCOL_ERROR, f"{what} on idle stream {sid}")
-        if how is None and sid % 2 == (0 if self.client_side else 1):
-            # A lower id the peer skipped (implicitly closed) or one forgotten.
-            raise self._fail(ErrorCodes.PROTOCOL_ERROR, f"{what} on closed stream {sid}")
+        if how is None:
+            if self._idle(sid):
+                raise self._fail(ErrorCodes.PROTOCOL_ERROR, f"{what} on idle stream {sid}")
+            if sid <= self._forgotten[sid & 1]:
+                return  # closed long ago, how is forgotten: ignore (see the module docstring)
+            if sid % 2 == (0 if self.client_side else 1):
+                # A lower id the peer skipped: implicitly closed, never opened (§5.1.1).
+                raise self._fail(ErrorCodes.PROTOCOL_ERROR, f"{what} on closed stream {sid}")
         raise self._fail(ErrorCodes.STREAM_CLOSED, f"{what} on closed stream {sid}")
 
     # -- HEADERS / CONTINUATION ----------------------------------------------------------------
@@ -623,7 +819,7 @@ class H2Core:
         self._check_block()
 
     def _check_block(self) -> None:
-        if self._block_size > self.max_header_block:
+        if self._block_size > self._max_block:
             raise self._fail(ErrorCodes.ENHANCE_YOUR_CALM,
                              f"a header block beyond {self._block_size} bytes without END_HEADERS "
                              "(CONTINUATION flood)")
@@ -648,7 +844,7 @@ class H2Core:
 
     def _decode(self, block: bytes) -> list[tuple[bytes, bytes]]:
         try:
-            return self.decoder.decode(block, raw=True)
+            return self.decoder.decode(block)
         except OversizedHeaderListError as e:
             raise self._fail(ErrorCodes.ENHANCE_YOUR_CALM, f"header list too large: {e}") from e
         except (HPACKError, IndexError, TypeError, UnicodeDecodeError, ValueError) as e:
@@ -659,15 +855,15 @@ class H2Core:
         end_stream = flags & F_END_STREAM
         st = self.streams.get(sid)
         if st is None:
-            if self.client_side or sid % 2 == 0 or not self._idle(sid):
-                # Worker may open no stream (no push); a closed or lower id; an even id.
-                self._decode(block)
-                if self.client_side or sid % 2 == 0:
-                    if self._closed.get(sid) is None:
-                        raise self._fail(ErrorCodes.PROTOCOL_ERROR, f"HEADERS on stream {sid} the peer may not open")
-                self._on_closed_stream_frame(sid, "HEADERS", events)
+            peer_opens = not self.client_side and sid % 2 == 1
+            if peer_opens and sid > self.highest_inbound_stream_id:
+                self._new_request(sid, end_stream, block, events)
                 return
-            self._new_request(sid, end_stream, block, events)
+            self._decode(block)
+            if not peer_opens and sid not in self._closed and not self._forgotten_closed(sid):
+                # The worker may open no stream (no push); a client never receives a request.
+                raise self._fail(ErrorCodes.PROTOCOL_ERROR, f"HEADERS on stream {sid} the peer may not open")
+            self._on_closed_stream_frame(sid, "HEADERS", events)
             return
         headers = self._decode(block)
         if not st.recv_open:
@@ -687,18 +883,26 @@ class H2Core:
             if end_stream:
                 events.append(self._stream_error(st, ErrorCodes.PROTOCOL_ERROR))
                 return
+            # Any number may precede the response (RFC 9110 §15.2), each costing the
+            # stream's owner work: charged like any frame that makes no progress.
+            self._control_frame("1xx response")
             events.append(ev.InformationalResponseReceived(stream_id=sid, headers=headers))
             return
         st.got_headers = True
-        cl = _content_length(headers)
-        if cl == -1:
+        try:
+            cl = content_length(headers)
+        except ValueError:
             events.append(self._stream_error(st, ErrorCodes.PROTOCOL_ERROR))
             return
         if st.no_content or status == b"204" or status == b"304":
             # RFC 9113 §8.1.1: a response defined to have no content (to HEAD; 204, 304) MAY carry a
             # non-zero content-length while its DATA frames carry nothing: hold the DATA to 0 bytes.
             cl = 0
-        st._expected_content_length = cl
+        elif end_stream and cl:
+            # §8.1.1: a content-length that the DATA (none: the stream ended) does not match.
+            events.append(self._stream_error(st, ErrorCodes.PROTOCOL_ERROR))
+            return
+        st.expected_length = cl
         if end_stream:
             ended = ev.StreamEnded(stream_id=sid)
             events.append(ev.ResponseReceived(stream_id=sid, headers=headers, stream_ended=ended))
@@ -714,10 +918,11 @@ class H2Core:
             if not end_stream:
                 raise Malformed("trailers without END_STREAM")
             headers = self._check_fields(headers, trailers=True)
-            if self.max_header_count and self._over_header_limits(headers) is not None:
+            if self._soft_limits and self._over_header_limits(headers) is not None:
+                # RFC 9113 §10.5.1: beyond the advertised limits a message may be treated as malformed.
                 raise Malformed("trailers above the header limits")
-            expected = st._expected_content_length
-            if expected is not None and expected != st._actual_content_length:
+            expected = st.expected_length
+            if expected is not None and expected != st.received_length:
                 raise Malformed("body shorter than its content-length")
         except Malformed:
             events.append(self._stream_error(st, ErrorCodes.PROTOCOL_ERROR))
@@ -730,18 +935,15 @@ class H2Core:
     def _refuse(self, sid: int, code: ErrorCodes, abusive: bool, events: list[ev.Event]) -> None:
         self.highest_inbound_stream_id = sid
         self._rst(sid, code)
-        closed = self._closed
-        closed[sid] = _RESET_SENT
-        if len(closed) > self.MAX_CLOSED_STREAMS:
-            del closed[next(iter(closed))]
+        self._remember(sid, _RESET_SENT)
         events.append(StreamRefused(sid, code, abusive))
         if abusive:
             self._charge_reset()
 
     def _new_request(self, sid: int, end_stream: int, block: bytes, events: list[ev.Event]) -> None:
         """Server role: HEADERS opening a new stream."""
-        limit = self.local_settings.max_concurrent_streams
-        if self.draining:
+        limit = self._max_streams
+        if self._draining:
             self._decode(block)
             self._refuse(sid, ErrorCodes.REFUSED_STREAM, False, events)
             return
@@ -750,39 +952,41 @@ class H2Core:
             self._decode(block)
             self._refuse(sid, ErrorCodes.REFUSED_STREAM, True, events)
             return
-        if self.lingering_handlers + self.resets_this_read >= limit:
+        if self._lingering + self._resets_this_read >= limit:
+            # Handlers of ended streams still hold their slots (streams reset in this
+            # read will linger too once dispatched): no room for another.
             self._decode(block)
             self._refuse(sid, ErrorCodes.REFUSED_STREAM, False, events)
             return
         headers = self._decode(block)
         self.highest_inbound_stream_id = sid
-        st = Stream(sid, True, self.local_settings.initial_window_size, self.remote_settings.initial_window_size)
+        st = Stream(sid, True, self._init_window, self.remote_settings.initial_window_size)
         self.streams[sid] = st
         self.open_inbound_streams += 1
         st.got_headers = True
         try:
             headers = self._check_fields(headers, trailers=False)
-            cl = _content_length(headers)
-            if cl == -1:
-                raise Malformed("invalid content-length")
+            try:
+                cl = content_length(headers)
+            except ValueError:
+                raise Malformed("invalid content-length") from None
         except Malformed:
             events.append(self._stream_error(st, ErrorCodes.PROTOCOL_ERROR))
             return
-        st._expected_content_length = cl
+        st.expected_length = cl
         if end_stream and cl:
             # announced a body and ended without it (§8.1.1)
             events.append(self._stream_error(st, ErrorCodes.PROTOCOL_ERROR))
             return
-        if self.max_header_count:
+        if self._soft_limits:
             n = len(headers)
-            # Cheap bound first, so a typical request does no per-field work: a
-            # field decodes to at most 32 + one dynamic-table entry + 8/5 of
-            # its literal octets (Huffman's shortest code is 5 bits).
-            if n > self.max_header_count or \
-                    n * (32 + self.decoder.max_allowed_table_size) + 2 * len(block) > self.max_header_list:
+            # Cheap bound first, so a typical request does no per-field work.
+            if n > self._soft_count or n * self._field_bound + 2 * len(block) > self._soft_size:
                 why = self._over_header_limits(headers)
                 if why is not None:
-                    self._reject_431(st, end_stream, why, events)
+                    if end_stream:
+                        st.recv_open = False  # half-closed (remote); the owner's answer closes it
+                    events.append(HeadersOverLimit(sid, why, bool(end_stream)))
                     return
         if end_stream:
             ended = ev.StreamEnded(stream_id=sid)
@@ -792,19 +996,10 @@ class H2Core:
         else:
             events.append(ev.RequestReceived(stream_id=sid, headers=headers))
 
-    def _reject_431(self, st: Stream, end_stream: int, why: str, events: list[ev.Event]) -> None:
-        """RFC 9113 §10.5.1: "can send an HTTP 431".  HPACK is in sync: only this stream is answered."""
-        if end_stream:
-            st.recv_open = False
-        self.send_headers(st.stream_id, [(b":status", b"431"), (b"content-length", b"0")], end_stream=True)
-        if not st.closed:
-            # The request body is not wanted (RFC 9113 §8.1).
-            self.reset_stream(st.stream_id, ErrorCodes.NO_ERROR)
-        events.append(RequestRejected(st.stream_id, 431, why))
-
     def _over_header_limits(self, headers: list[tuple[bytes, bytes]]) -> str | None:
+        """Why ``headers`` is above the soft limits, or None."""
         n = len(headers)
-        limit = self.max_header_count
+        limit = self._soft_count
         if n > limit:
             pseudo = 0
             for name, _ in headers:
@@ -816,8 +1011,8 @@ class H2Core:
         size = 32 * n
         for name, value in headers:
             size += len(name) + len(value)
-        if size > self.max_header_list:
-            return f"a {size}-byte header list (max_header_list_size {self.max_header_list})"
+        if size > self._soft_size:
+            return f"a {size}-byte header list (max_header_list_size {self._soft_size})"
         return None
 
     def _check_fields(self, headers: list[tuple[bytes, bytes]], trailers: bool) -> list[tuple[bytes, bytes]]:
@@ -839,17 +1034,17 @@ class H2Core:
                     raise Malformed(f"pseudo-header {name!r} not allowed in a request")
                 if name in pseudo:
                     raise Malformed(f"duplicate {name!r}")
-                if _BAD_NAME.search(name, 1) or _BAD_VALUE.search(value):
+                if H2_BAD_NAME.search(name, 1) or BAD_VALUE.search(value):
                     raise Malformed(f"invalid {name!r}")
                 pseudo[name] = value
                 continue
             regular = True
-            if not name or _BAD_NAME.search(name):
+            if not name or H2_BAD_NAME.search(name):
                 raise Malformed(f"invalid field name {name!r}")
-            if value and _BAD_VALUE.search(value):
+            if value and BAD_VALUE.search(value):
                 raise Malformed(f"invalid value for {name!r}")
             if name in _SPECIAL:
-                if name in _CONNECTION_SPECIFIC:
+                if name in CONNECTION_SPECIFIC:
                     raise Malformed(f"connection-specific field {name!r}")
                 if name == b"te":
                     if value.lower() != b"trailers":
@@ -868,11 +1063,11 @@ class H2Core:
                     valid.clear()
                 valid.add(field)
         if not trailers:
-            _check_request_pseudo(pseudo, host)
+            _check_request_pseudo(pseudo, host, self._connect)
         if cookies is not None:
             # RFC 9113 §8.2.3: split cookie fields are joined with "; " (h2 puts the result last).
             headers = [f for f in headers if f[0] != b"cookie"]
-            headers.append(NeverIndexedHeaderTuple(b"cookie", b"; ".join(cookies)))
+            headers.append(NeverIndexedHeaderTuple(b"cookie", join_cookies(cookies)))
         return headers
 
     # -- the other frames ----------------------------------------------------------------------
@@ -916,8 +1111,10 @@ class H2Core:
             st = self.streams.get(sid)
             if st is None:
                 if self._idle(sid):
-                    raise self._fail(ErrorCodes.PROTOCOL_ERROR, f"RST_STREAM on idle stream {sid}")
-                return
+                    # §6.4 allows a connection error; h2 ignores it, and so do we (see the
+                    # module docstring: HAProxy sends these), but not for free.
+                    self._control_frame("RST_STREAM on idle streams")
+                return  # closed: never answered with RST_STREAM (§5.4.2)
             code = _error_code(_U32.unpack(payload)[0])
             self._close(st, _RESET_RECV)
             events.append(ev.StreamReset(stream_id=sid, error_code=code, remote_reset=True))
@@ -981,7 +1178,9 @@ class H2Core:
             if code == SettingCodes.HEADER_TABLE_SIZE:
                 old = rs.header_table_size
                 rs.header_table_size = value
-                self.encoder.header_table_size = value
+                # The encoder may use any size up to the peer's (RFC 7541 §4.2); a change is
+                # signalled at the start of the next block.
+                self.encoder.header_table_size = min(value, self.config.max_encoder_table_size)
             elif code == SettingCodes.ENABLE_PUSH:
                 if value > 1 or (self.client_side and value):
                     raise self._fail(ErrorCodes.PROTOCOL_ERROR, f"SETTINGS_ENABLE_PUSH {value}")
@@ -1006,6 +1205,10 @@ class H2Core:
                 old, rs.max_frame_size = rs.max_frame_size, value
             elif code == SettingCodes.MAX_HEADER_LIST_SIZE:
                 old, rs.max_header_list_size = rs.max_header_list_size, value  # type: ignore[assignment]
+            elif code == SettingCodes.ENABLE_CONNECT_PROTOCOL:
+                if value > 1:  # RFC 8441 §3: 0 or 1
+                    raise self._fail(ErrorCodes.PROTOCOL_ERROR, f"SETTINGS_ENABLE_CONNECT_PROTOCOL {value}")
+                old, rs.enable_connect_protocol = rs.enable_connect_protocol, value
             else:
                 continue  # unknown settings are ignored (§6.5.2)
             key = _setting_code(code)
@@ -1018,33 +1221,23 @@ class H2Core:
 # -- header checks (module level: no per-connection state) ---------------------------------------
 
 
-def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
-    """The message's content-length: None if absent, -1 if invalid or conflicting."""
-    found: bytes | None = None
-    for name, value in headers:
-        if name == b"content-length":
-            if found is not None and value != found:
-                return -1
-            found = value
-    if found is None:
-        return None
-    if not found.isdigit() or not found.isascii() or len(found) > 18:
-        return -1
-    return int(found)
-
-
-def _check_request_pseudo(pseudo: dict[bytes, bytes], host: bytes | None) -> None:
+def _check_request_pseudo(pseudo: dict[bytes, bytes], host: bytes | None, extended_connect: bool) -> None:
+    """The pseudo-header fields of a request (RFC 9113 §8.3.1, §8.5; RFC 8441 §4)."""
     method = pseudo.get(b":method")
-    if method is None:
-        raise Malformed("no :method")
+    if not method:
+        raise Malformed("no :method" if method is None else "empty :method")  # a method is a token
+    if b":protocol" in pseudo:
+        if not extended_connect:
+            # RFC 8441 §3: only once the server advertised SETTINGS_ENABLE_CONNECT_PROTOCOL.
+            raise Malformed(":protocol without SETTINGS_ENABLE_CONNECT_PROTOCOL")
+        if method != b"CONNECT":
+            raise Malformed(":protocol outside CONNECT")
     if method == b"CONNECT" and b":protocol" not in pseudo:
         if b":scheme" in pseudo or b":path" in pseudo:
             raise Malformed("CONNECT with :scheme or :path")
     else:
         if b":scheme" not in pseudo or b":path" not in pseudo:
             raise Malformed("no :scheme or :path")
-        if b":protocol" in pseudo and method != b"CONNECT":
-            raise Malformed(":protocol outside CONNECT")
         if not pseudo[b":path"]:
             raise Malformed("empty :path")
     authority = pseudo.get(b":authority")
@@ -1066,11 +1259,11 @@ def _check_response(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, byt
             status = value
             continue
         regular = True
-        if not name or _BAD_NAME.search(name):
+        if not name or H2_BAD_NAME.search(name):
             raise Malformed(f"invalid field name {name!r}")
-        if value and _BAD_VALUE.search(value):
+        if value and BAD_VALUE.search(value):
             raise Malformed(f"invalid value for {name!r}")
-        if name in _CONNECTION_SPECIFIC:
+        if name in CONNECTION_SPECIFIC:
             raise Malformed(f"connection-specific field {name!r}")
         if name == b"te" and value.lower() != b"trailers":
             raise Malformed("te other than trailers")
@@ -1082,14 +1275,14 @@ def _check_response(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, byt
         raise Malformed(f"invalid :status {status!r}")
     if cookies is not None:
         headers = [f for f in headers if f[0] != b"cookie"]
-        headers.append(NeverIndexedHeaderTuple(b"cookie", b"; ".join(cookies)))
+        headers.append(NeverIndexedHeaderTuple(b"cookie", join_cookies(cookies)))
     return headers
 
 
 def _normalize_outbound(headers: list[Any]) -> list[Any]:
     """Client role (what h2 did with outbound normalisation on): lowercase names, strip
-    surrounding whitespace from values, drop connection-specific fields, never-index
-    credentials and short cookies."""
+    surrounding whitespace from values, drop connection-specific fields.  (Credentials are
+    never indexed by the HPACK encoder itself, for every list.)"""
     out: list[Any] = []
     for h in headers:
         name, value = h[0], h[1]
@@ -1098,17 +1291,15 @@ def _normalize_outbound(headers: list[Any]) -> list[Any]:
         if isinstance(value, str):
             value = value.encode("utf-8")
         name = name.lower()
-        if name in _CONNECTION_SPECIFIC:
+        if name in CONNECTION_SPECIFIC:
             continue
         if name[:1] != b":":
             value = value.strip(b" \t")
-        sensitive = isinstance(h, NeverIndexedHeaderTuple) or name in (b"authorization", b"proxy-authorization") \
-            or (name == b"cookie" and len(value) < 20)
-        out.append(NeverIndexedHeaderTuple(name, value) if sensitive else HeaderTuple(name, value))
+        out.append(NeverIndexedHeaderTuple(name, value) if isinstance(h, NeverIndexedHeaderTuple) else (name, value))
     return out
 
 
-def _check_request(headers: list[Any]) -> None:
+def _check_request(headers: list[Any], extended_connect: bool) -> None:
     """Validate a request header list we are about to send (client role)."""
     pseudo: dict[bytes, bytes] = {}
     regular = False
@@ -1120,7 +1311,7 @@ def _check_request(headers: list[Any]) -> None:
             pseudo[name] = value
             continue
         regular = True
-        if not name or _BAD_NAME.search(name) or (value and _BAD_VALUE.search(value)):
+        if not name or H2_BAD_NAME.search(name) or (value and BAD_VALUE.search(value)):
             raise h2x.ProtocolError(f"invalid header field {name!r}")
         if name == b"te" and value.lower() != b"trailers":
             raise h2x.ProtocolError("te other than trailers")
@@ -1129,6 +1320,6 @@ def _check_request(headers: list[Any]) -> None:
                 raise h2x.ProtocolError("several host fields")
             host = value
     try:
-        _check_request_pseudo(pseudo, host)
+        _check_request_pseudo(pseudo, host, extended_connect)
     except Malformed as e:
         raise h2x.ProtocolError(str(e)) from e

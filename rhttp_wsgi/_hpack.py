@@ -1,6 +1,7 @@
-"""A fast HPACK (RFC 7541) codec, drop-in for the parts of ``hpack`` 4.2 our HTTP/2 core uses.
+"""A fast HPACK (RFC 7541) codec: the header compression of our HTTP/2 core (``_h2core``).
 
-``hpack``'s decoder walks a header block through several method calls per field, slices a
+It does what ``hpack`` 4.2 does for the core, faster (bytes in, bytes out: the core never
+needs ``str`` fields).  ``hpack``'s decoder walks a header block through several method calls per field, slices a
 ``memoryview`` per field and makes a ``log.debug`` call per field; its encoder searches the dynamic
 table linearly.  Here:
 
@@ -23,8 +24,7 @@ Errors are ``hpack``'s own exception classes, raised where ``hpack`` 4.2 raises 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Mapping
-from typing import Any, Literal, cast, overload
+from typing import Any
 
 from hpack.exceptions import (
     HPACKDecodingError,
@@ -36,6 +36,8 @@ from hpack.huffman_constants import REQUEST_CODES, REQUEST_CODES_LENGTH
 from hpack.huffman_table import HUFFMAN_COMPLETE, HUFFMAN_EMIT_SYMBOL, HUFFMAN_FAIL, HUFFMAN_TABLE
 from hpack.struct import HeaderTuple, NeverIndexedHeaderTuple
 from hpack.table import HeaderTable
+
+from ._http import NEVER_INDEXED, SHORT_COOKIE
 
 __all__ = ["DEFAULT_MAX_HEADER_LIST_SIZE", "DEFAULT_TABLE_SIZE", "Decoder", "Encoder"]
 
@@ -60,16 +62,10 @@ for _i, _entry in enumerate(_STATIC, 1):
     _STATIC_NAME.setdefault(_entry[0], _i)
 del _i, _entry
 
-# h2's ``_secure_headers`` rule (h2/utilities.py), applied by the encoder itself: these names, and
-# ``cookie`` values shorter than 20 bytes, are sent never-indexed.
-_SENSITIVE_NAMES = frozenset({b"authorization", b"proxy-authorization"})
-_SHORT_COOKIE = 20
-
 _HUFF_CODES: list[int] = list(REQUEST_CODES)
 _HUFF_LENGTHS: list[int] = list(REQUEST_CODES_LENGTH)
 
 Header = tuple[bytes, bytes] | HeaderTuple
-StrHeader = tuple[str, str]
 
 
 def _decode_int_tail(data: bytes, pos: int, value: int) -> tuple[int, int]:
@@ -202,26 +198,14 @@ _INDEXED: tuple[bytes, ...] = tuple(encode_integer(i, 7, 0x80) for i in range(51
 _INDEXED_LEN = len(_INDEXED)
 
 
-# Field types ``encode`` has already looked up in the exact-match dicts when they hold bytes.
-_HASHED = frozenset({tuple, HeaderTuple, NeverIndexedHeaderTuple})
-
-
-def _to_bytes(value: object) -> bytes:
-    if type(value) is bytes:
-        return value
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return bytes(value)
-    return str(value).encode("utf-8")
-
-
 class Decoder:
-    """HPACK decoder, drop-in for ``hpack.Decoder`` as used by an HTTP/2 connection.
+    """HPACK decoder (what ``hpack.Decoder(...).decode(block, raw=True)`` does).
 
-    ``decode`` returns a list of plain ``(name, value)`` tuples of ``bytes`` (``raw=True``, the
-    default here — hpack's default is ``raw=False``), except that a field received as a literal
-    *never indexed* (§6.2.3) comes back as :class:`hpack.NeverIndexedHeaderTuple`, so the flag can
-    be honoured when a field is forwarded.  Unlike hpack, other fields are not wrapped in
-    :class:`hpack.HeaderTuple` (they compare equal to hpack's result).
+    ``decode`` returns a list of plain ``(name, value)`` tuples of ``bytes``, except that a field
+    received as a literal *never indexed* (§6.2.3) comes back as
+    :class:`hpack.NeverIndexedHeaderTuple`, so the flag can be honoured when a field is forwarded.
+    Unlike hpack, other fields are not wrapped in :class:`hpack.HeaderTuple` (they compare equal to
+    hpack's result).
 
     Errors, as hpack 4.2: :class:`hpack.exceptions.HPACKDecodingError` for a truncated integer or
     string, an integer with more than 5 continuation octets, invalid Huffman data (EOS, padding
@@ -294,20 +278,7 @@ class Decoder:
             size -= len(name) + len(value) + 32
         self._size = size
 
-    @overload
-    def decode(self, data: bytes | bytearray | memoryview, raw: Literal[True] = ...) -> list[tuple[bytes, bytes]]: ...
-
-    @overload
-    def decode(self, data: bytes | bytearray | memoryview, raw: Literal[False]) -> list[tuple[str, str]]: ...
-
-    @overload
-    def decode(
-        self, data: bytes | bytearray | memoryview, raw: bool
-    ) -> list[tuple[bytes, bytes]] | list[tuple[str, str]]: ...
-
-    def decode(
-        self, data: bytes | bytearray | memoryview, raw: bool = True
-    ) -> list[tuple[bytes, bytes]] | list[tuple[str, str]]:
+    def decode(self, data: bytes | bytearray | memoryview) -> list[tuple[bytes, bytes]]:
         """Decode one complete header block (all its CONTINUATION fragments joined)."""
         if type(data) is not bytes:
             data = bytes(data)
@@ -315,7 +286,7 @@ class Decoder:
         if (hit is not None and hit[1] <= self.max_header_list_size
                 and self._maxsize <= self.max_allowed_table_size):
             # Otherwise decode it again: that raises the right error at the right point.
-            return list(hit[0]) if raw else self._to_str(hit[0])
+            return list(hit[0])
         only_indexed = True
         table = self._table
         headers: list[tuple[bytes, bytes]] = []
@@ -408,31 +379,20 @@ class Decoder:
             if len(cache) >= self.BLOCK_CACHE_SIZE:
                 cache.clear()
             cache[data] = (tuple(headers), listsize)
-        return headers if raw else self._to_str(headers)
-
-    @staticmethod
-    def _to_str(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
-        try:
-            return [
-                (h[0].decode("utf-8"), h[1].decode("utf-8")) if type(h) is tuple
-                else cast("tuple[str, str]", NeverIndexedHeaderTuple(h[0].decode("utf-8"), h[1].decode("utf-8")))
-                for h in headers
-            ]
-        except UnicodeDecodeError as err:
-            raise HPACKDecodingError("Unable to decode headers as UTF-8") from err
+        return headers
 
 
 class Encoder:
-    """HPACK encoder, drop-in for ``hpack.Encoder`` as used by an HTTP/2 connection.
+    """HPACK encoder (what ``hpack.Encoder().encode`` does for lists of bytes fields).
 
-    ``encode`` takes an iterable of ``(name, value)`` tuples (``bytes``, or ``str`` encoded as
-    UTF-8), :class:`hpack.HeaderTuple` / :class:`hpack.NeverIndexedHeaderTuple`, or
-    ``(name, value, sensitive)`` 3-tuples, or a mapping (pseudo-headers first), like hpack.
-    Differences from hpack 4.2, all producing blocks any RFC 7541 decoder reads the same way:
+    ``encode`` takes a list (or tuple) of ``(name, value)`` pairs of ``bytes``: plain tuples,
+    :class:`hpack.HeaderTuple` or :class:`hpack.NeverIndexedHeaderTuple` (sent as a literal never
+    indexed).  Differences from hpack 4.2, all producing blocks any RFC 7541 decoder reads the
+    same way:
 
-    * h2's ``_secure_headers`` rule is applied here too: ``authorization``, ``proxy-authorization``
-      and ``cookie`` values shorter than 20 bytes are sent as literals never indexed (hpack itself
-      only honours NeverIndexedHeaderTuple / the 3-tuple flag).  As in hpack, a field whose exact
+    * the never-index rule (``_http.NEVER_INDEXED``, h2's ``_secure_headers``) is applied here, to
+      every field: ``authorization``, ``proxy-authorization`` and ``cookie`` values shorter than
+      ``SHORT_COOKIE`` bytes are sent as literals never indexed.  As in hpack, a field whose exact
       (name, value) is already in a table is still sent as an index.
     * Huffman coding is used only where it is strictly shorter than the raw string.
     * A field too large to ever fit the dynamic table is sent without indexing (hpack sends it
@@ -508,30 +468,13 @@ class Encoder:
                 del names[name]
         self._size = size
 
-    def encode(
-        self,
-        headers: Iterable[Header | StrHeader | tuple[bytes | str, bytes | str, bool]]
-        | Mapping[bytes, bytes]
-        | Mapping[str, str],
-        huffman: bool = True,
-    ) -> bytes:
+    def encode(self, headers: list[Header] | tuple[Header, ...], huffman: bool = True) -> bytes:
         """Encode one header block. ``huffman`` allows Huffman coding of literal strings."""
-        items: tuple[object, ...]
-        if type(headers) is list:
-            items = tuple(headers)
-        elif isinstance(headers, Mapping):
-            items = tuple(
-                sorted(headers.items(), key=lambda kv: not _to_bytes(kv[0]).startswith(b":"))
-            )
-        else:
-            items = tuple(headers)
+        items = headers if type(headers) is tuple else tuple(headers)
         cache = self._block_cache
         pending = self._pending_min
         if pending is None:
-            try:
-                cached = cache.get(items)
-            except TypeError:  # an unhashable field (a list): no caching
-                cached = None
+            cached = cache.get(items)
             if cached is not None:
                 return cached
 
@@ -548,14 +491,11 @@ class Encoder:
         only_indexed = True
         seq0 = self._seq
         for header in items:
-            try:
-                index = static_full.get(header)  # type: ignore[call-overload]
-                if index is None:
-                    seq = dynamic_full.get(header)  # type: ignore[call-overload]
-                    if seq is not None:
-                        index = _STATIC_LEN + self._seq - seq
-            except TypeError:
-                index = None
+            index = static_full.get(header)
+            if index is None:
+                seq = dynamic_full.get(header)
+                if seq is not None:
+                    index = _STATIC_LEN + self._seq - seq
             if index is not None:
                 append(indexed[index] if index < _INDEXED_LEN else encode_integer(index, 7, 0x80))
             else:
@@ -567,45 +507,18 @@ class Encoder:
         elif only_indexed and pending is None:
             if len(cache) >= self.BLOCK_CACHE_SIZE:
                 cache.clear()
-            try:
-                cache[items] = block
-            except TypeError:
-                pass
+            cache[items] = block
         return block
 
     def _encode_field(self, header: Any, huffman: bool) -> bytes:
-        """The slow path: anything but an exact bytes match in a table."""
-        cls = type(header)
-        if cls is tuple or cls is HeaderTuple or cls is NeverIndexedHeaderTuple:
-            sensitive = cls is NeverIndexedHeaderTuple
-            if len(header) == 2:
-                name, value = header
-            else:
-                name, value = header[0], header[1]
-                sensitive = sensitive or bool(header[2])
+        """The slow path: anything but an exact match in a table."""
+        name, value = header
+        key = (name, value)
+        if type(header) is NeverIndexedHeaderTuple:
+            sensitive = True
         else:
-            fields: tuple[Any, ...] = tuple(header)
-            name, value = fields[0], fields[1]
-            sensitive = (not header.indexable) if isinstance(header, HeaderTuple) else (
-                len(fields) > 2 and bool(fields[2]))
-        if type(name) is not bytes or type(value) is not bytes or len(header) != 2 or cls not in _HASHED:
-            # not yet looked up as an exact (bytes, bytes) pair
-            name = _to_bytes(name)
-            value = _to_bytes(value)
-            key = (name, value)
-            index = _STATIC_FULL.get(key)
-            if index is None:
-                seq = self._full.get(key)
-                if seq is not None:
-                    index = _STATIC_LEN + self._seq - seq
-            if index is not None:
-                return encode_integer(index, 7, 0x80)
-        else:
-            key = (name, value)
-
-        if not sensitive:
             lname = name.lower()
-            sensitive = lname in _SENSITIVE_NAMES or (lname == b"cookie" and len(value) < _SHORT_COOKIE)
+            sensitive = lname in NEVER_INDEXED or (lname == b"cookie" and len(value) < SHORT_COOKIE)
         name_index = _STATIC_NAME.get(name)
         if name_index is None:
             seq = self._names.get(name)

@@ -1,5 +1,12 @@
 """One tunnel: a socket, a TLS session, a protocol core, a reader and a writer thread.
 
+The tunnel is the I/O shell around :class:`~rhttp_wsgi._protocol.TunnelProtocol`
+(the sans-I/O HTTP/2 core) and calls only that class's documented API.  It does
+not decide what a peer-opened stream becomes: in the server (worker) role it
+reports each new stream to its :class:`InboundStreams` (the worker's is
+``rhttp_wsgi.streams.StreamPolicy``), which sets the stream's limits, answers it
+with a status, or starts a handler for it.
+
 Ownership — who touches what, under which lock:
 
 =============================  ===============================  ==================
@@ -9,7 +16,7 @@ socket ``recv``                reader only                      none (one reader
 socket ``sendall``/shutdown    writer only (reader: ``close``)  none (one writer)
 ``TLSSession`` (OpenSSL)       reader (decrypt), writer         ``Tunnel.lock``
                                (encrypt)
-``TunnelProtocol`` / H2Core    reader (events), writer          ``Tunnel.lock``
+``TunnelProtocol`` (H2Core)    reader (events), writer          ``Tunnel.lock``
                                (flush), app threads (headers,
                                credit, reset), owner (drain)
 ``_channels``/``_ready``/      any of the above                 ``Tunnel.lock``
@@ -18,8 +25,14 @@ socket ``sendall``/shutdown    writer only (reader: ``close``)  none (one writer
                                writer (outbound)                (``Channel._cond``
                                                                 is bound to it)
 ``Channel.cancelled`` (Event)  any                              itself
-``_deadlines``, stall marks,   reader (arm), writer (expire),   ``Tunnel.lock``
-lingering-handler count        app thread (``handler_done``)
+stream limits (``Channel``     reader (the stream policy sets   ``Tunnel.lock``
+``body_limit``,                them when the stream opens)
+``send_stall_limit``,
+``set_deadline_locked``)
+``_deadlines``, ``_stalls``    reader (arm), writer (expire,    ``Tunnel.lock``
+(timer state, the tunnel's)    progress), any (retire)
+lingering-handler count        reader (hand-off), app thread    ``Tunnel.lock``
+(in the protocol core)         (``handler_done``), retire
 =============================  ===============================  ==================
 
 Rules that keep it safe:
@@ -30,13 +43,20 @@ Rules that keep it safe:
 * No lock is ever held across socket I/O or application code: the reader
   ``recv()``s, then locks to decrypt and parse; the writer locks to drain the core
   and encrypt, then unlocks and ``sendall()``s.  App threads lock only to move
-  bytes in or out of their channel.
-* Per-stream deadlines (``request_timeout``, the send stall of
-  ``stream_send_timeout``) are checked by the writer's existing timer loop: no
-  per-request timer or thread.
+  bytes in or out of their channel.  The stream policy's ``*_locked`` hooks run
+  under the lock and do neither I/O nor application code; its ``start`` runs
+  after the lock is released.
+* Per-stream deadlines and the send stall are checked by the writer's existing
+  timer loop: no per-request timer or thread.  Their values are per stream, set
+  by the stream policy; the tunnel only keeps the clocks.
 * App threads block on their own channel condition (backpressure, waiting for
   body bytes); the writer waits on ``_wake``.  All conditions share the one
   lock, so a notify never races a state change.
+* Object access goes through methods: a ``Channel`` changes the tunnel's state
+  by calling ``Tunnel`` methods (``_credit_locked``, ``_schedule_locked``,
+  ``_retire_locked``), and the tunnel changes a channel's buffers by calling
+  ``Channel`` methods.  The tunnel owns the channels' lifecycle flags
+  (``_retired``, ``_handler``) because it keeps the registry they describe.
 """
 
 from __future__ import annotations
@@ -45,21 +65,23 @@ import collections
 import logging
 import math
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import h2.events
 import h2.exceptions
 from h2.errors import ErrorCodes
 from h2.settings import SettingCodes
 
-from ._protocol import RequestRejected, StreamRefused, TunnelProtocol
+from ._protocol import HeadersOverLimit, StreamRefused, TunnelProtocol
 from .errors import ProtocolViolation, StreamReset, StreamTimeout, TLSSetupError, TunnelClosed
+from .options import TunnelOptions
 from .tls import TLSSession
 
-__all__ = ["Channel", "Tunnel"]
+__all__ = ["Channel", "InboundStreams", "Tunnel"]
 
 log = logging.getLogger("rhttp_wsgi.tunnel")
 
@@ -75,12 +97,49 @@ WRITE_BATCH = 256 * 1024
 FLUSH_GRACE = 1.0
 #: Longest wait for the PING ACK between the two GOAWAYs of a graceful drain.
 DRAIN_ANNOUNCE_MAX = 1.0
+#: Fields of a body-less answer (the stream policy's 413 and 431).
+_EMPTY_BODY = (b"content-length", b"0")
+
+Headers = list[tuple[bytes, bytes]]
+
+
+class InboundStreams(Protocol):
+    """What a server-role tunnel asks about the streams its peer opens.
+
+    The worker's implementation is :class:`rhttp_wsgi.streams.StreamPolicy`:
+    the one place that decides what a new stream becomes and which limits
+    answer it with a status.  The ``*_locked`` hooks run on the reader thread
+    with the tunnel lock held (no I/O, no application code); a hook that
+    answers a stream (``Channel.answer_locked``/``reset_locked``) ends it, and
+    the tunnel then never hands it to :meth:`start`.
+    """
+
+    def opened_locked(self, ch: Channel) -> None:
+        """A request's HEADERS arrived: set the stream's limits, or answer it now."""
+
+    def over_header_limits_locked(self, ch: Channel, reason: str) -> None:
+        """The core decoded a request above the header limits (``reason`` says which).
+
+        ``ch.headers`` is None.  The hook must end the stream (answer or reset):
+        the core keeps it open for it.
+        """
+
+    def body_over_limit_locked(self, ch: Channel) -> None:
+        """The request body grew past ``ch.body_limit``: end the stream."""
+
+    def start(self, ch: Channel) -> None:
+        """Hand the stream to its handler (reader thread, no lock held).
+
+        Whoever runs the handler calls ``ch.handler_done()`` when it returns.
+        """
 
 
 class Channel:
     """One stream as seen by the thread that serves it (app thread or forwarder).
 
-    Every method takes the tunnel lock briefly; none does socket I/O.
+    Every public method without ``_locked`` takes the tunnel lock briefly;
+    none does socket I/O.  The ``*_locked`` ones are for the stream policy,
+    which calls them with the lock held.
     """
 
     __slots__ = (
@@ -93,23 +152,24 @@ class Channel:
         "_out_size",
         "_out_trailers",
         "_retired",
-        "_stall_at",
+        "body_limit",
         "bytes_in",
-        "bytes_out",
         "cancelled",
+        "early_hints",
         "error",
+        "handler",
         "headers",
         "headers_sent",
         "in_ended",
-        "informational",
         "out_done",
         "response",
+        "send_stall_limit",
         "stream_id",
         "trailers",
         "tunnel",
     )
 
-    def __init__(self, tunnel: Tunnel, stream_id: int, headers: list[tuple[bytes, bytes]] | None) -> None:
+    def __init__(self, tunnel: Tunnel, stream_id: int, headers: Headers | None) -> None:
         self.tunnel = tunnel
         self.stream_id = stream_id
         self.headers = headers
@@ -118,23 +178,33 @@ class Channel:
         self._in: collections.deque[bytes] = collections.deque()
         self._in_size = 0
         self.in_ended = False
-        self.trailers: list[tuple[bytes, bytes]] | None = None
+        self.trailers: Headers | None = None
         self._out: collections.deque[memoryview] = collections.deque()
         self._out_size = 0
         self._out_end = False
-        self._out_trailers: list[tuple[bytes, bytes]] | None = None
+        self._out_trailers: Headers | None = None
         self.out_done = False
         self.headers_sent = False
         self.error: BaseException | None = None
         self.cancelled = threading.Event()
-        self.response: list[tuple[bytes, bytes]] | None = None
-        self.informational: list[list[tuple[bytes, bytes]]] = []
+        #: Client role: the final response's fields, once they arrived.
+        self.response: Headers | None = None
+        #: Client role: the fields of the latest 103 (Early Hints) response not
+        #: yet taken (see :meth:`wait_response`); other 1xx are dropped.  One
+        #: header list at most, whatever the peer sends (the core charges every
+        #: 1xx to its flood budget).
+        self.early_hints: Headers | None = None
         self.bytes_in = 0
-        self.bytes_out = 0
+        #: Limits set by the stream policy (0 = none): the most request-body
+        #: bytes, and the most seconds the response may wait for flow-control
+        #: credit without progress.
+        self.body_limit = 0
+        self.send_stall_limit = 0.0
+        #: What will serve the stream, as the stream policy chose when it opened
+        #: (opaque to the tunnel).
+        self.handler: Any = None
         self._retired = False
-        #: When the send stall (blocked on flow control, no progress) times out; 0 = not stalled.
-        self._stall_at = 0.0
-        #: Dispatched to a handler (app thread) that has not returned yet.
+        #: Handed to a handler (app thread) that has not returned yet.
         self._handler = False
 
     def _waiter_locked(self) -> threading.Condition:
@@ -149,20 +219,20 @@ class Channel:
             self._cond.notify_all()
 
     def handler_done(self) -> None:
-        """The handler (app thread) serving this stream returned; ``run_wsgi`` calls it last.
+        """The handler (app thread) serving this stream returned; whoever runs it calls this last.
 
         A stream can end (reset, timed out, or simply answered) while its
         handler still runs; until then it counts as *lingering* against the
-        tunnel's MAX_CONCURRENT_STREAMS (see ``H2Core.lingering_handlers``).
+        tunnel's MAX_CONCURRENT_STREAMS (``TunnelProtocol.lingering_handlers``).
         """
-        if not self._handler:  # not dispatched by a tunnel (e.g. driven directly)
+        if not self._handler:  # not handed off by a tunnel (e.g. driven directly)
             return
         t = self.tunnel
         with t.lock:
             if self._handler:
                 self._handler = False
                 if self._retired:
-                    t.proto.h2.lingering_handlers -= 1
+                    t.proto.handler_returned()
 
     # -- inbound (body) ------------------------------------------------------
 
@@ -207,19 +277,15 @@ class Channel:
 
     # -- outbound ---------------------------------------------------------------
 
-    def send_headers(self, headers: list[tuple[bytes, bytes]], end_stream: bool = False) -> None:
+    def send_headers(self, headers: Headers, end_stream: bool = False) -> None:
         t = self.tunnel
         with t.lock:
             self._check_locked()
-            t.proto.h2.send_headers(self.stream_id, headers, end_stream=end_stream)
-            self.headers_sent = True
-            if end_stream:
-                self._out_end = True
-                self.out_done = True
-                t._after_out_done_locked(self)
+            t.proto.send_headers(self.stream_id, headers, end_stream=end_stream)
+            self._headers_sent_locked(end_stream)
             t._kick_locked()
 
-    def respond(self, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+    def respond(self, headers: Headers, body: bytes) -> None:
         """``send_headers(headers)`` then ``write(body, end=True)``, in one lock hold.
 
         Performance (benchmarks/RESULTS.md): the writer is woken once for the
@@ -230,14 +296,13 @@ class Channel:
         t = self.tunnel
         with t.lock:
             self._check_locked()
-            t.proto.h2.send_headers(self.stream_id, headers, end_stream=False)
+            t.proto.send_headers(self.stream_id, headers, end_stream=False)
             self.headers_sent = True
             if body:
                 self._out.append(memoryview(body))
                 self._out_size += len(body)
             self._out_end = True
-            t._ready.add(self)
-            t._kick_locked()
+            t._schedule_locked(self)
 
     def write(self, data: bytes, timeout: float | None = None, end: bool = False) -> None:
         """Queue body bytes (and optionally end the stream); blocks while the peer is slow."""
@@ -249,8 +314,7 @@ class Channel:
                 self._out_size += len(data)
             if end:
                 self._out_end = True
-            t._ready.add(self)
-            t._kick_locked()
+            t._schedule_locked(self)
             if self._out_size > HIGH_WATER and not end:
                 deadline = None if timeout is None else time.monotonic() + timeout
                 while self._out_size > LOW_WATER and self.error is None:
@@ -260,37 +324,34 @@ class Channel:
                     self._waiter_locked().wait(remaining)
                 self._check_locked()
 
-    def end(self, trailers: list[tuple[bytes, bytes]] | None = None) -> None:
+    def end(self, trailers: Headers | None = None) -> None:
         t = self.tunnel
         with t.lock:
             if self.error is not None or self._out_end:
                 return
             self._out_end = True
             self._out_trailers = trailers
-            t._ready.add(self)
-            t._kick_locked()
+            t._schedule_locked(self)
 
     def reset(self, code: ErrorCodes = ErrorCodes.CANCEL) -> None:
         """Reset the stream (no-op if it is already finished)."""
-        t = self.tunnel
-        with t.lock:
-            if self._retired or self.error is not None:
-                return
-            try:
-                t.proto.h2.reset_stream(self.stream_id, code)
-            except h2.exceptions.StreamClosedError:
-                pass
-            except h2.exceptions.ProtocolError:
-                pass
-            self._fail_locked(StreamReset(self.stream_id, code, by_peer=False))
-            t._kick_locked()
+        with self.tunnel.lock:
+            self.reset_locked(code)
 
-    def wait_response(self, timeout: float | None) -> list[tuple[bytes, bytes]]:
-        """Client role: wait for the final response headers."""
+    def wait_response(self, timeout: float | None, *, early_hints: bool = False) -> Headers:
+        """Client role: wait for the final response headers.
+
+        With ``early_hints``, a 103 (Early Hints) response that arrives first is
+        returned instead (and taken: each is returned once); the caller tells
+        them apart by ``:status`` and calls again for the final response.
+        """
         t = self.tunnel
         with t.lock:
             deadline = None if timeout is None else time.monotonic() + timeout
             while self.response is None and self.error is None:
+                if early_hints and self.early_hints is not None:
+                    hints, self.early_hints = self.early_hints, None
+                    return hints
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise StreamTimeout(f"stream {self.stream_id}: no response within {timeout:g}s")
@@ -303,6 +364,49 @@ class Channel:
     @property
     def finished(self) -> bool:
         return self._retired
+
+    # -- for the stream policy (lock held) ------------------------------------------
+
+    def expected_length_locked(self) -> int | None:
+        """The request's declared content-length (None without one)."""
+        return self.tunnel.proto.expected_content_length(self.stream_id)
+
+    def set_deadline_locked(self, seconds: float, what: str) -> None:
+        """Reset the stream (CANCEL) if it is still open ``seconds`` from now (0: no deadline).
+
+        ``what`` names the limit in the log line (e.g. ``"request_timeout"``).
+        """
+        self.tunnel._set_deadline_locked(self, seconds, what)
+
+    def answer_locked(self, status: int) -> None:
+        """Answer ``status`` with an empty body in place of a handler, and stop the request body.
+
+        For statuses that refuse the request (413, 431): the stream counts as
+        reset (NO_ERROR) for a handler already reading it, and the rest of the
+        request body is not wanted (RST_STREAM(NO_ERROR), RFC 9113 §8.1).
+        """
+        t = self.tunnel
+        proto = t.proto
+        sid = self.stream_id
+        try:
+            proto.send_headers(sid, [(b":status", str(status).encode("ascii")), _EMPTY_BODY], end_stream=True)
+        except h2.exceptions.StreamClosedError:
+            pass  # the peer reset it in the same read (its StreamReset event comes after this one)
+        else:
+            self.headers_sent = self.out_done = True
+            if not self.in_ended:
+                proto.reset_stream(sid, ErrorCodes.NO_ERROR)
+        self._fail_locked(StreamReset(sid, ErrorCodes.NO_ERROR, by_peer=False))
+        t._kick_locked()
+
+    def reset_locked(self, code: ErrorCodes) -> None:
+        """Reset the stream with ``code`` (no-op if it is already finished)."""
+        if self._retired or self.error is not None:
+            return
+        t = self.tunnel
+        t.proto.reset_stream(self.stream_id, code)
+        self._fail_locked(StreamReset(self.stream_id, code, by_peer=False))
+        t._kick_locked()
 
     # -- tunnel side (lock held) -------------------------------------------------
 
@@ -321,54 +425,109 @@ class Channel:
         if pad:
             t._credit_locked(self.stream_id, pad)
         if data:
-            if t._max_body and self.bytes_in + len(data) > t._max_body:
+            limit = self.body_limit
+            if limit and self.bytes_in + len(data) > limit:
                 t._credit_locked(self.stream_id, len(data))
-                t._body_too_large_locked(self)
+                streams = t.streams
+                if streams is not None:  # (a limit is only ever set by the stream policy)
+                    streams.body_over_limit_locked(self)
                 return
             self._in.append(data)
             self._in_size += len(data)
             self.bytes_in += len(data)
             self._notify_locked()
 
-    def _fail_locked(self, exc: BaseException) -> None:
-        if self.error is None:
-            self.error = exc
+    def _ended_locked(self) -> None:
+        """The peer ended its side (END_STREAM)."""
+        self.in_ended = True
+        self._notify_locked()
+        if self.out_done:
+            self.tunnel._retire_locked(self)
+
+    def _informational_locked(self, headers: Headers) -> None:
+        """Client role: a 1xx response.  Only the latest 103 is kept (see ``early_hints``)."""
+        for name, value in headers:
+            if name == b":status":
+                if value == b"103":
+                    self.early_hints = headers
+                    self._notify_locked()
+                return
+
+    def _upload_stopped_locked(self) -> None:
+        """Client role: the peer answered in full, then RST_STREAM(NO_ERROR) to stop our upload.
+
+        RFC 9113 §8.1: keep the response; only the upload ends (``write()``
+        then raises, not by_peer).
+        """
+        self._out.clear()
+        self._out_size = 0
+        self._out_end = True
+        self.out_done = True
+        self._notify_locked()
+        self.tunnel._retire_locked(self)
+
+    def _drop_input_locked(self) -> None:
+        """Forget buffered body bytes, crediting them back to the peer."""
         unread = self._in_size
         self._in.clear()
         self._in_size = 0
         if unread:
             self.tunnel._credit_locked(self.stream_id, unread)
+
+    def _fail_locked(self, exc: BaseException) -> None:
+        if self.error is None:
+            self.error = exc
+        self._drop_input_locked()
         self._out.clear()
         self._out_size = 0
         self.cancelled.set()
         self._notify_locked()
         self.tunnel._retire_locked(self)
 
+    def _headers_sent_locked(self, end_stream: bool) -> None:
+        """Our HEADERS went into the core; with END_STREAM our side is done."""
+        self.headers_sent = True
+        if end_stream:
+            self._out_end = self.out_done = True
+            self._output_done_locked()
+
+    def _output_done_locked(self) -> None:
+        """Our side ended (END_STREAM queued in the core)."""
+        t = self.tunnel
+        if self.in_ended:
+            t._retire_locked(self)
+        elif t.proto.role == "server":
+            # A complete response before the whole request body: ask the
+            # client to stop sending, without error (RFC 9113 §8.1).
+            t.proto.reset_stream(self.stream_id, ErrorCodes.NO_ERROR)
+            self.in_ended = True
+            self._drop_input_locked()
+            self._notify_locked()
+            t._retire_locked(self)
+
     def _flush_locked(self, budget: int) -> tuple[int, bool]:
         """Move queued bytes into the HTTP/2 core within the peer's windows.
 
         Returns (bytes moved, blocked on flow control).
         """
-        t = self.tunnel
-        conn = t.proto.h2
+        proto = self.tunnel.proto
         sid = self.stream_id
         moved = 0
         out = self._out
         while out and moved < budget:
-            window = conn.local_flow_control_window(sid)
+            window = proto.outbound_window(sid)
             if window <= 0:
                 return moved, True
-            frame_max = conn.max_outbound_frame_size
+            frame_max = proto.max_outbound_frame_size
             chunk = out[0]
             n = min(len(chunk), window, frame_max)
             last = n == len(chunk) and len(out) == 1 and self._out_end and self._out_trailers is None
-            conn.send_data(sid, chunk[:n], end_stream=last)
+            proto.send_data(sid, chunk[:n], end_stream=last)
             if n == len(chunk):
                 out.popleft()
             else:
                 out[0] = chunk[n:]
             self._out_size -= n
-            self.bytes_out += n
             moved += n
             if last:
                 self.out_done = True
@@ -378,34 +537,38 @@ class Channel:
             return moved, False
         if self._out_end and not self.out_done:
             if self._out_trailers is not None:
-                conn.send_headers(sid, self._out_trailers, end_stream=True)
+                proto.send_headers(sid, self._out_trailers, end_stream=True)
             else:
-                conn.end_stream(sid)
+                proto.end_stream(sid)
             self.out_done = True
         if self.out_done:
-            t._after_out_done_locked(self)
+            self._output_done_locked()
         return moved, False
 
 
 class Tunnel:
-    """A live tunnel.  ``run()`` is the reader loop; it starts the writer thread."""
+    """A live tunnel.  ``run()`` is the reader loop; it starts the writer thread.
+
+    ``options`` (a :class:`~rhttp_wsgi.options.TunnelOptions`, or the
+    ``WorkerOptions``/``ProxyOptions`` that extend it) gives the peer's SETTINGS
+    deadline (``handshake_timeout``) and the socket send timeout
+    (``max(ping_timeout, 1 s)``: a peer that stops reading cannot park the
+    writer for longer than it would take to notice it is dead).  ``streams``
+    decides about peer-opened streams (server role); without it they are
+    refused (REFUSED_STREAM).
+    """
 
     def __init__(
         self,
         sock: socket.socket,
         tls: TLSSession | None,
         proto: TunnelProtocol,
+        options: TunnelOptions,
         *,
         name: str = "tunnel",
-        on_stream: Callable[[Channel], None] | None = None,
+        streams: InboundStreams | None = None,
         on_ready: Callable[[Tunnel], None] | None = None,
         on_goaway: Callable[[Tunnel, h2.events.ConnectionTerminated], None] | None = None,
-        on_event: Callable[[Tunnel, str], None] | None = None,
-        settings_timeout: float = 10.0,
-        send_timeout: float = 30.0,
-        stream_send_timeout: float = 0.0,
-        request_timeout: float = 0.0,
-        max_body_size: int = 0,
         clock: Callable[[], float] = time.monotonic,
         peer: Any = None,
     ) -> None:
@@ -414,27 +577,22 @@ class Tunnel:
         self.proto = proto
         self.name = name
         self.peer = peer
+        self.streams = streams
         self.lock = threading.Lock()
         self._wake = threading.Condition(self.lock)
-        self._idle = threading.Condition(self.lock)
-        self._on_stream = on_stream
         self._on_ready = on_ready
         self._on_goaway = on_goaway
-        self._on_event = on_event
         self._clock = clock
         self._settings_deadline = 0.0
-        self._settings_timeout = settings_timeout
-        self._send_timeout = send_timeout
-        # Worker-role stream limits (0 = off).  stream_send_timeout: a stream
-        # blocked on flow control that makes no progress this long is reset;
-        # request_timeout: a stream still open this long after its HEADERS is
-        # reset; max_body_size: a longer request body is refused with 413.
-        self._stall_timeout = stream_send_timeout
+        self._settings_timeout = options.handshake_timeout
+        self._send_timeout = max(options.ping_timeout, 1.0)
+        #: Per-stream deadlines: one queue per (limit name, seconds), each in
+        #: arrival order, which is deadline order within a queue (one clock).
+        self._deadlines: dict[tuple[str, float], collections.OrderedDict[Channel, float]] = {}
+        #: Blocked streams with a send-stall limit -> when their stall times
+        #: out; kept across unblock/re-block until the stream makes progress.
+        self._stalls: dict[Channel, float] = {}
         self._stall_next = math.inf
-        self._request_timeout = request_timeout
-        #: stream -> deadline, in arrival order (= deadline order: one timeout for all)
-        self._deadlines: collections.OrderedDict[Channel, float] = collections.OrderedDict()
-        self._max_body = max_body_size
         self.streams_timed_out = 0
         self._channels: dict[int, Channel] = {}
         self._ready: set[Channel] = set()
@@ -524,8 +682,8 @@ class Tunnel:
                 if events:
                     self._handle_events_locked(events, new)
                     if new:
-                        # A stream reset (or refused) within the same read is
-                        # never handed to the app: Rapid Reset costs no app call.
+                        # A stream reset (or answered) within the same read is
+                        # never handed to a handler: Rapid Reset costs no app call.
                         new = [ch for ch in new if ch.error is None]
                         for ch in new:
                             ch._handler = True
@@ -539,12 +697,13 @@ class Tunnel:
                 self._dispatch(ch)
 
     def _dispatch(self, ch: Channel) -> None:
-        if self._on_stream is None:
+        streams = self.streams
+        if streams is None:
             ch.reset(ErrorCodes.REFUSED_STREAM)
             ch.handler_done()
             return
         try:
-            self._on_stream(ch)
+            streams.start(ch)
         except Exception:
             log.exception("%s: stream %d could not be dispatched", self.name, ch.stream_id)
             ch.reset(ErrorCodes.INTERNAL_ERROR)
@@ -571,7 +730,7 @@ class Tunnel:
                                     f"peer sent no SETTINGS within {self._settings_timeout:g}s",
                                     ErrorCodes.SETTINGS_TIMEOUT)
                             next_t = min(next_t, self._settings_deadline)
-                        if self._deadlines or self._blocked:
+                        if self._deadlines or self._stalls:
                             next_t = min(next_t, self._stream_timers_locked(now))
                         if self._drain_phase == 1:
                             if proto.drain_acked or now >= self._drain_deadline:
@@ -581,7 +740,7 @@ class Tunnel:
                     except ProtocolViolation as e:
                         log.warning("%s: %s; dropping the tunnel", self.name, e)
                         if e.error_code != ErrorCodes.NO_ERROR:
-                            proto._fail(e.error_code)
+                            proto.fail(e.error_code)
                         self._close_locked(str(e))
                         final = True
                         break
@@ -592,25 +751,7 @@ class Tunnel:
                     self._wake.wait(max(0.0, next_t - now))
                 self._dirty = False
                 if self._ready and not final:
-                    budget = WRITE_BATCH
-                    for ch in list(self._ready):
-                        moved, blocked = ch._flush_locked(budget)
-                        budget -= moved
-                        if blocked:
-                            self._ready.discard(ch)
-                            self._blocked.add(ch)
-                            if self._stall_timeout and (moved or not ch._stall_at):
-                                # progress restarts the clock (nginx send_timeout semantics)
-                                ch._stall_at = now + self._stall_timeout
-                                if ch._stall_at < self._stall_next:
-                                    self._stall_next = ch._stall_at
-                        elif not ch._out or ch.error is not None:
-                            self._ready.discard(ch)
-                        if moved and ch._stall_at and not blocked:
-                            ch._stall_at = 0.0
-                        if budget <= 0:
-                            self._dirty = True
-                            break
+                    self._flush_ready_locked(now)
                 plain = proto.data_to_send()
                 if tls is not None:
                     try:
@@ -636,6 +777,31 @@ class Tunnel:
         except OSError:
             pass
 
+    def _flush_ready_locked(self, now: float) -> None:
+        """One writer pass: move the ready streams' bytes into the core, at most WRITE_BATCH."""
+        budget = WRITE_BATCH
+        stalls = self._stalls
+        for ch in list(self._ready):
+            moved, blocked = ch._flush_locked(budget)
+            budget -= moved
+            if blocked:
+                self._ready.discard(ch)
+                self._blocked.add(ch)
+                limit = ch.send_stall_limit
+                if limit and (moved or ch not in stalls):
+                    # progress restarts the clock (nginx send_timeout semantics)
+                    due = stalls[ch] = now + limit
+                    if due < self._stall_next:
+                        self._stall_next = due
+            else:
+                if not ch._out:
+                    self._ready.discard(ch)
+                if stalls:  # not waiting for credit (any more): no stall
+                    stalls.pop(ch, None)
+            if budget <= 0:
+                self._dirty = True
+                break
+
     # -- events (lock held) --------------------------------------------------------
 
     def _handle_events_locked(self, events: list[h2.events.Event], new: list[Channel]) -> None:
@@ -658,25 +824,12 @@ class Tunnel:
                 if ev.stream_ended is not None:
                     ch.in_ended = True
                 new.append(ch)
-                if self._request_timeout:
-                    self._deadlines[ch] = self._clock() + self._request_timeout
-                    if len(self._deadlines) == 1:
-                        # The writer sleeps until its next timer; with one
-                        # timeout for all, only a first deadline can be earlier.
-                        self._wake.notify()
-                if self._max_body:
-                    # Content-Length above the limit: 413 before the app runs.
-                    # (h2 already holds the parsed value, and checks the body against it.)
-                    cl = getattr(self.proto.h2.streams.get(ev.stream_id), "_expected_content_length", None)
-                    if cl is not None and cl > self._max_body:
-                        self._body_too_large_locked(ch)
+                if self.streams is not None:
+                    self.streams.opened_locked(ch)
             elif t is h2.events.StreamEnded:
                 ch = channels.get(ev.stream_id)
                 if ch is not None:
-                    ch.in_ended = True
-                    ch._notify_locked()
-                    if ch.out_done:
-                        self._retire_locked(ch)
+                    ch._ended_locked()
             elif t is h2.events.ResponseReceived:
                 ch = channels.get(ev.stream_id)
                 if ch is not None:
@@ -685,7 +838,7 @@ class Tunnel:
             elif t is h2.events.InformationalResponseReceived:
                 ch = channels.get(ev.stream_id)
                 if ch is not None:
-                    ch.informational.append(ev.headers)
+                    ch._informational_locked(ev.headers)
             elif t is h2.events.TrailersReceived:
                 ch = channels.get(ev.stream_id)
                 if ch is not None:
@@ -696,20 +849,11 @@ class Tunnel:
                     pass
                 elif (self.proto.role == "client" and ev.error_code == ErrorCodes.NO_ERROR
                         and ch.response is not None and ch.in_ended):
-                    # RFC 9113 §8.1: a complete response, then RST_STREAM(NO_ERROR)
-                    # to stop the request body.  Keep the response; only the
-                    # upload ends (write() then raises, not by_peer).
-                    ch._out.clear()
-                    ch._out_size = 0
-                    ch._out_end = True
-                    ch.out_done = True
-                    ch._notify_locked()
-                    self._retire_locked(ch)
+                    ch._upload_stopped_locked()
                 else:
                     # remote_reset is False when our core reset a malformed
                     # message (RST_STREAM PROTOCOL_ERROR that *we* sent).
-                    ch._fail_locked(StreamReset(ev.stream_id, ev.error_code,
-                                                by_peer=bool(getattr(ev, "remote_reset", True))))
+                    ch._fail_locked(StreamReset(ev.stream_id, ev.error_code, by_peer=ev.remote_reset))
             elif t is h2.events.WindowUpdated:
                 if ev.stream_id == 0:
                     self._unblock_all_locked()
@@ -717,11 +861,10 @@ class Tunnel:
                     ch = channels.get(ev.stream_id)
                     if ch is not None and ch in self._blocked:
                         self._blocked.discard(ch)
-                        self._ready.add(ch)
                         # Wake the writer: receiving WINDOW_UPDATE queues no
                         # output, so nothing else would (it would sleep until
                         # the next PING timer with sendable data queued).
-                        self._kick_locked()
+                        self._schedule_locked(ch)
             elif t is h2.events.RemoteSettingsChanged:
                 if SettingCodes.INITIAL_WINDOW_SIZE in ev.changed_settings:
                     self._unblock_all_locked()
@@ -733,9 +876,16 @@ class Tunnel:
                 self._peer_goaway_locked(ev)
             elif t is StreamRefused:
                 self.streams_refused += 1
-            elif t is RequestRejected:
+            elif t is HeadersOverLimit:
                 self.streams_refused += 1
-                log.info("%s: stream %d answered %d: %s", self.name, ev.stream_id, ev.status, ev.reason)
+                # Not registered: nothing more is delivered to it (late DATA is
+                # credited and dropped); the policy ends it now.
+                ch = Channel(self, ev.stream_id, None)
+                ch.in_ended = bool(ev.stream_ended)
+                if self.streams is not None:
+                    self.streams.over_header_limits_locked(ch, ev.reason)
+                else:
+                    ch.reset_locked(ErrorCodes.REFUSED_STREAM)
 
     def _unblock_all_locked(self) -> None:
         if self._blocked:
@@ -745,7 +895,7 @@ class Tunnel:
 
     def _peer_goaway_locked(self, ev: h2.events.ConnectionTerminated) -> None:
         self.peer_goaway = ev
-        self.proto.h2.draining = True
+        self.proto.stop_new_streams()
         self._draining = True
         log.info("%s: peer sent GOAWAY (last stream %s, %s)", self.name, ev.last_stream_id,
                  getattr(ev.error_code, "name", ev.error_code))
@@ -764,105 +914,87 @@ class Tunnel:
         self._dirty = True
         self._wake.notify()
 
+    def _schedule_locked(self, ch: Channel) -> None:
+        """``ch`` has output to move into the core: wake the writer."""
+        self._ready.add(ch)
+        self._dirty = True
+        self._wake.notify()
+
     def _credit_locked(self, stream_id: int, n: int) -> None:
         if n <= 0 or self._closing:
             return
-        self.proto.h2.acknowledge_received_data(n, stream_id)
+        self.proto.acknowledge_received_data(n, stream_id)
         if self.proto.has_output():
             self._kick_locked()
-
-    def _after_out_done_locked(self, ch: Channel) -> None:
-        if ch.in_ended:
-            self._retire_locked(ch)
-        elif self.proto.role == "server":
-            # A complete response before the whole request body: ask the
-            # client to stop sending, without error (RFC 9113 §8.1).
-            try:
-                self.proto.h2.reset_stream(ch.stream_id, ErrorCodes.NO_ERROR)
-            except h2.exceptions.ProtocolError:
-                pass
-            ch.in_ended = True
-            unread = ch._in_size
-            ch._in.clear()
-            ch._in_size = 0
-            if unread:
-                self._credit_locked(ch.stream_id, unread)
-            ch._notify_locked()
-            self._retire_locked(ch)
 
     def _retire_locked(self, ch: Channel) -> None:
         if ch._retired:
             return
         ch._retired = True
         if ch._handler:
-            self.proto.h2.lingering_handlers += 1
+            self.proto.handler_lingered()
         if self._deadlines:
-            self._deadlines.pop(ch, None)
+            for queue in self._deadlines.values():
+                queue.pop(ch, None)
+        if self._stalls:
+            self._stalls.pop(ch, None)
         self._channels.pop(ch.stream_id, None)
         self._ready.discard(ch)
         self._blocked.discard(ch)
-        if not self._channels:
-            self._idle.notify_all()
-            if self._draining and not self._closing:
-                self._close_locked("drained")
+        if not self._channels and self._draining and not self._closing:
+            self._close_locked("drained")
+
+    def _set_deadline_locked(self, ch: Channel, seconds: float, what: str) -> None:
+        for queue in self._deadlines.values():
+            queue.pop(ch, None)
+        if seconds <= 0 or ch._retired:
+            return
+        key = (what, seconds)
+        if key not in self._deadlines:
+            self._deadlines[key] = collections.OrderedDict()
+        queue = self._deadlines[key]
+        queue[ch] = self._clock() + seconds
+        if len(queue) == 1:
+            # The writer sleeps until its next timer; within a queue only a
+            # first deadline can be earlier than what it already knows.
+            self._wake.notify()
 
     def _stream_timers_locked(self, now: float) -> float:
-        """Expire streams past ``request_timeout`` or stalled past ``stream_send_timeout``.
+        """Expire streams past their deadline or stalled past their send-stall limit.
 
         Writer thread.  O(1) unless something is due.  Returns the next due time.
         """
         nxt = math.inf
-        deadlines = self._deadlines
-        while deadlines:
-            ch, due = next(iter(deadlines.items()))
-            if due > now:
-                nxt = due
-                break
-            del deadlines[ch]
-            self._expire_locked(ch, f"request_timeout ({self._request_timeout:g}s) reached")
-        if self._blocked and self._stall_timeout:
+        for (what, seconds), queue in self._deadlines.items():
+            while queue:
+                ch, due = next(iter(queue.items()))
+                if due > now:
+                    nxt = min(nxt, due)
+                    break
+                self._expire_locked(ch, f"{what} ({seconds:g}s) reached")  # (retiring dequeues it)
+        stalls = self._stalls
+        if stalls:
             if now >= self._stall_next:
                 self._stall_next = math.inf
-                for ch in list(self._blocked):
-                    if not ch._stall_at:
-                        continue
-                    if ch._stall_at <= now:
-                        self._expire_locked(ch, f"no flow-control credit for {self._stall_timeout:g}s")
-                    elif ch._stall_at < self._stall_next:
-                        self._stall_next = ch._stall_at
+                for ch, due in list(stalls.items()):
+                    # (a stream unblocked but not flushed yet is settled by this
+                    # writer pass: blocked again, its clock still runs)
+                    if due <= now and ch in self._blocked:
+                        self._expire_locked(ch, f"no flow-control credit for {ch.send_stall_limit:g}s")
+                    elif due < self._stall_next:
+                        self._stall_next = due
             nxt = min(nxt, self._stall_next)
         return nxt
 
     def _expire_locked(self, ch: Channel, why: str) -> None:
         """Reset a stream that ran out of time (CANCEL) and cancel its app call."""
         self.streams_timed_out += 1
-        try:
-            self.proto.h2.reset_stream(ch.stream_id, ErrorCodes.CANCEL)
-        except h2.exceptions.ProtocolError:
-            pass
+        self.proto.reset_stream(ch.stream_id, ErrorCodes.CANCEL)
         ch._fail_locked(StreamTimeout(f"stream {ch.stream_id}: {why}"))
-        lingering = self.proto.h2.lingering_handlers
         # The app cannot be interrupted: its thread stays busy until it returns.
         log.warning("%s: stream %d: %s; reset (CANCEL)%s", self.name, ch.stream_id, why,
-                    f"; {lingering} app call(s) still running on ended streams" if ch._handler else "")
-
-    def _body_too_large_locked(self, ch: Channel) -> None:
-        """413 (or RST_STREAM(CANCEL) once the response started) for a body above ``max_body_size``."""
-        conn = self.proto.h2
-        sid = ch.stream_id
-        code = ErrorCodes.CANCEL
-        try:
-            if not ch.headers_sent:
-                conn.send_headers(sid, [(b":status", b"413"), (b"content-length", b"0")], end_stream=True)
-                ch.headers_sent = ch.out_done = True
-                code = ErrorCodes.NO_ERROR  # a complete answer; stop the upload (RFC 9113 §8.1)
-            conn.reset_stream(sid, code)
-        except h2.exceptions.ProtocolError:
-            pass
-        log.info("%s: stream %d: request body above max_body_size (%d bytes); %s", self.name, sid,
-                 self._max_body, "413" if code == ErrorCodes.NO_ERROR else "reset (CANCEL)")
-        ch._fail_locked(StreamReset(sid, code, by_peer=False))
-        self._kick_locked()
+                    f"; {self.proto.lingering_handlers} app call(s) still running on ended streams"
+                    if ch._handler else "")
 
     def _close_locked(self, reason: str) -> None:
         if self._closing:
@@ -873,36 +1005,30 @@ class Tunnel:
         for ch in list(self._channels.values()):
             ch._fail_locked(err)
         self._channels.clear()
-        self._idle.notify_all()
         self._wake.notify()
 
     # -- public, any thread ---------------------------------------------------------------
 
-    def open_stream(self, headers: list[tuple[bytes, bytes]], end_stream: bool) -> Channel:
+    def open_stream(self, headers: Headers, end_stream: bool) -> Channel:
         """Client role: open a stream and send its request headers."""
         with self.lock:
             if self._closing or self._draining:
                 raise TunnelClosed(f"{self.name}: not accepting new streams")
-            conn = self.proto.h2
             try:
-                sid = conn.get_next_available_stream_id()
+                sid = self.proto.open_stream(headers, end_stream)
             except h2.exceptions.NoAvailableStreamIDError as e:
                 # 2^30 streams on one tunnel: retire it gracefully; the worker
                 # redials at once (a GOAWAY without error is a healthy close).
                 self._finish_drain_locked()
                 raise TunnelClosed(f"{self.name}: stream ids exhausted; tunnel retired") from e
-            ch = Channel(self, sid, None)
-            try:
-                conn.send_headers(sid, headers, end_stream=end_stream)
             except h2.exceptions.TooManyStreamsError as e:
-                # The peer lowered MAX_CONCURRENT_STREAMS under us: not opened.
-                raise StreamReset(sid, ErrorCodes.REFUSED_STREAM, by_peer=False) from e
+                # The peer lowered MAX_CONCURRENT_STREAMS under us: not opened
+                # (no stream id was used, hence 0).
+                raise StreamReset(0, ErrorCodes.REFUSED_STREAM, by_peer=False) from e
+            ch = Channel(self, sid, None)
             self._channels[sid] = ch
             self.streams_total += 1
-            ch.headers_sent = True
-            if end_stream:
-                ch._out_end = True
-                ch.out_done = True
+            ch._headers_sent_locked(end_stream)
             self._kick_locked()
             return ch
 
@@ -945,10 +1071,6 @@ class Tunnel:
                 self.proto.goaway(ErrorCodes.NO_ERROR)
             self._close_locked(reason)
 
-    def wait_idle(self, timeout: float | None) -> bool:
-        with self.lock:
-            return self._idle.wait_for(lambda: not self._channels or self._closing, timeout)
-
     @property
     def in_flight(self) -> int:
         return len(self._channels)
@@ -956,7 +1078,7 @@ class Tunnel:
     @property
     def lingering(self) -> int:
         """App calls still running although their stream ended (reset, timed out, answered)."""
-        return int(self.proto.h2.lingering_handlers)
+        return self.proto.lingering_handlers
 
     @property
     def accepting(self) -> bool:
@@ -966,17 +1088,8 @@ class Tunnel:
     def closing(self) -> bool:
         return self._closing
 
-    def can_open_stream(self) -> bool:
-        """Client role: below the peer's MAX_CONCURRENT_STREAMS?"""
-        with self.lock:
-            if self._closing or self._draining or not self.ready.is_set():
-                return False
-            return len(self._channels) < self.proto.peer_max_concurrent_streams()
-
 
 def _timeval(seconds: float) -> bytes:
-    import struct
-
     sec = int(seconds)
     usec = int((seconds - sec) * 1_000_000)
     return struct.pack("ll", sec, usec)

@@ -15,24 +15,18 @@ block or call back into the proxy.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Union
+from collections.abc import Sequence
 
-if TYPE_CHECKING:
-    from .proxy import WorkerInfo
+from .errors import ConfigError
+from .registry import Environ, Selector, WorkerInfo
 
 __all__ = [
     "LeastInFlight",
     "RoundRobin",
     "Selector",
     "by_common_name",
-    "least_in_flight",
     "resolve_selector",
-    "round_robin",
 ]
-
-Environ = Mapping[str, Any]
-Selector = Callable[[Environ, Sequence["WorkerInfo"]], Union["WorkerInfo", None]]
 
 
 class LeastInFlight:
@@ -81,14 +75,6 @@ class RoundRobin:
 
     def __repr__(self) -> str:
         return "RoundRobin()"
-
-
-def least_in_flight() -> Selector:
-    return LeastInFlight()
-
-
-def round_robin() -> Selector:
-    return RoundRobin()
 
 
 def by_common_name(
@@ -140,7 +126,5 @@ def resolve_selector(spec: str | Selector | None) -> Selector:
             return by_common_name(header)
         if name in ("cn", "common-name", "by-common-name"):
             return by_common_name()
-    from .errors import ConfigError
-
     raise ConfigError("selector", f"unknown selector {spec!r}: use least-in-flight, round-robin, cn:HEADER"
                                   " or a callable (environ, workers) -> worker | None")

@@ -1,7 +1,8 @@
 """Command line: ``rhttp-wsgi worker | proxy | certs | demo | settings``.
 
 Every option flag is derived from :mod:`rhttp_wsgi.options`, and each can also
-come from an ``RHTTP_``-prefixed environment variable (the flag wins).
+come from an ``RHTTP_``-prefixed environment variable (the flag wins).  A list
+option's flag may be repeated.
 """
 
 from __future__ import annotations
@@ -12,17 +13,26 @@ import dataclasses
 import importlib
 import logging
 import os
-import signal
 import sys
 import tempfile
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ._signals import wait_for_stop_signal
 from ._version import __version__
 from .errors import ConfigError, RHTTPError
-from .options import ProxyOptions, WorkerOptions, coerce, env_name, flag_name, option_fields, settings_reference
+from .options import (
+    ProxyOptions,
+    WorkerOptions,
+    env_name,
+    flag_name,
+    option_fields,
+    option_kind,
+    options_from_environ,
+    parse_option,
+    settings_reference,
+)
 
 log = logging.getLogger("rhttp_wsgi.cli")
 
@@ -38,6 +48,7 @@ PROXY_EXAMPLES = """examples:
   rhttp-wsgi proxy --tunnel-bind 0.0.0.0:8443 --public-bind 0.0.0.0:8080 \\
       --cert server.crt --key server.key --workers-ca workers-ca.crt
   rhttp-wsgi proxy ... --public-cert site.crt --public-key site.key --selector round-robin
+  rhttp-wsgi proxy ... --selector cn:X-Tenant      # pin requests to workers by certificate CN
 """
 CERTS_EXAMPLES = """examples:
   rhttp-wsgi certs                          # CA + worker cert 'rhttp-worker' in ./rhttp-certs
@@ -50,37 +61,34 @@ DEMO_EXAMPLES = """examples:
 """
 
 
-def _add_option_flags(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str] = ()) -> None:
+def _add_option_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     for f in option_fields(cls):
-        if not f.metadata.get("cli", True) or f.name in skip:
-            continue
+        kind = option_kind(cls, f.name)
         default = f.default
         help_text = f"{f.metadata['help']} [env {env_name(f.name)}"
         help_text += "]" if default is None else f"; default {default}]"
+        # No argparse defaults: an unset flag must not hide the environment variable.
         kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": help_text}
-        if isinstance(default, bool):
+        if kind.scalar is bool and not kind.many:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
             kwargs["metavar"] = f.metadata.get("metavar") or f.name.upper()
-            if f.metadata.get("choices"):
+            if kind.many:
+                kwargs["action"] = "append"
+                kwargs["help"] += " (repeatable)"
+            elif f.metadata.get("choices"):
                 kwargs["choices"] = f.metadata["choices"]
         parser.add_argument(flag_name(f.name), **kwargs)
 
 
 def _collect(cls: type, ns: argparse.Namespace) -> dict[str, Any]:
-    """Flag value, else environment variable, else the declared default."""
-    out: dict[str, Any] = {}
+    """Flag value, else environment variable (else the declared default: left out)."""
+    values = options_from_environ(cls, os.environ)
     for f in option_fields(cls):
-        if not f.metadata.get("cli", True):
-            continue
-        value = getattr(ns, f.name, None)
-        if value is None and env_name(f.name) in os.environ:
-            value = coerce(cls, f.name, os.environ[env_name(f.name)])
-        elif isinstance(value, str) and not isinstance(f.default, str) and f.default is not None:
-            value = coerce(cls, f.name, value)
-        if value is not None:
-            out[f.name] = value
-    return out
+        given = getattr(ns, f.name, None)
+        if given is not None:
+            values[f.name] = given if isinstance(given, bool) else parse_option(cls, f.name, given)
+    return values
 
 
 def load_app(spec: str) -> Any:
@@ -258,21 +266,6 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     return 0 if pool.serve_forever() else 1
 
 
-def _wait_for_signal(duration: float | None) -> None:
-    stop = threading.Event()
-
-    def handler(signum: int, frame: Any) -> None:
-        log.info("received %s; shutting down", signal.Signals(signum).name)
-        stop.set()
-
-    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        stop.wait(duration)
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-
-
 def _cmd_proxy(args: argparse.Namespace) -> int:
     from .proxy import Proxy
 
@@ -288,7 +281,7 @@ def _cmd_proxy(args: argparse.Namespace) -> int:
     th, tp = proxy.start_tunnels()
     ph, pp = proxy.start_public()
     log.info("rhttp-wsgi %s proxy: tunnels on %s:%d, public HTTP on %s:%d", __version__, th, tp, ph, pp)
-    _wait_for_signal(None)
+    wait_for_stop_signal()
     return 0 if proxy.shutdown(options.shutdown_timeout) else 1
 
 
@@ -327,7 +320,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             url = f"http://{_bracket(host)}:{port}"
             log.info("demo ready: open %s/  (certificates in %s)", url, tmp)
             log.info("try: curl -s %s/ ; curl -s -d 'hello' %s/echo ; curl -sN %s/events", url, url, url)
-            _wait_for_signal(args.duration)
+            wait_for_stop_signal(timeout=args.duration)
         finally:
             ok = pool.shutdown(5) if pool is not None else True
             ok = proxy.shutdown(5) and ok

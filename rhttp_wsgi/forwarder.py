@@ -4,20 +4,28 @@
 server (the turnkey one in :mod:`rhttp_wsgi.public`, gunicorn, waitress...).
 Per request, on the server's thread:
 
-1. The request is mapped to HTTP/2: ``:method``; ``:scheme`` from
+1. The request is mapped to HTTP/2 (:func:`build_request`, the one mapping,
+   whatever server built the environ): ``:method``; ``:scheme`` from
    ``wsgi.url_scheme``; ``:authority`` from ``Host``; ``:path`` from
    ``RAW_URI``/``REQUEST_URI`` when the server offers it (byte-exact, so
    ``%2F`` survives) else re-quoted ``SCRIPT_NAME + PATH_INFO`` plus the query.
-   Hop-by-hop headers and every token named in ``Connection`` are dropped
-   (``TE: trailers`` is kept), ``X-Forwarded-For/-Proto/-Host`` are set, and a
-   CR, LF or NUL in any value is a 400 before anything is encoded.
+   The other fields come from the environ's ``HTTP_*`` keys as a neutral list
+   of (name, value) bytes (:func:`request_fields`); hop-by-hop ones and every
+   token named in ``Connection`` are dropped (``TE: trailers`` is kept),
+   ``X-Forwarded-For/-Proto/-Host`` are set, and a CR, LF or NUL in any value
+   is a 400 before anything is encoded.
 2. A worker is reserved (:mod:`rhttp_wsgi.balancing` picks; a full worker is
    never given another stream; a request may wait ``stream_wait`` for one).
 3. The body streams up in chunks; :meth:`Channel.write` blocks while the
    worker is slow, so a fast client cannot fill the proxy's memory.
 4. The response headers are awaited (``response_timeout``, then 504), checked
-   and handed to ``start_response``; the body streams down chunk by chunk as
-   DATA frames arrive, so server-sent events work.
+   (including that HTTP/1.1 can carry them: else 502) and handed to
+   ``start_response``.  A response that is already complete (the common small
+   one) is returned as a :class:`~rhttp_wsgi._http.CompleteResponse`: a
+   one-item body to any server, written in one ``sendall`` by the turnkey
+   server (also through middleware that leaves it as it is).  Otherwise the
+   body streams down chunk by chunk as DATA frames arrive, so server-sent
+   events work.
 
 Failures: 503 (+ ``Retry-After``) when no worker is attached or selectable
 (after waiting up to ``attach_wait`` for one to attach, when that is set);
@@ -39,17 +47,27 @@ closed socket), the worker's stream is reset with CANCEL, which sets
 
 from __future__ import annotations
 
-import http
 import logging
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 from urllib.parse import quote
 
 from h2.errors import ErrorCodes
 
-from ._headers import HOP_BY_HOP, valid_name, valid_value
+from ._http import (
+    HOP_BY_HOP,
+    NO_BODY_STATUS,
+    BadRequest,
+    CompleteResponse,
+    h1_block,
+    h1_problem,
+    parse_content_length,
+    reason_phrase,
+    valid_name,
+    valid_value,
+)
 from ._tunnel import Channel
 from .errors import (
     BadGateway,
@@ -62,9 +80,7 @@ from .errors import (
     UpstreamError,
 )
 from .options import ProxyOptions
-
-if TYPE_CHECKING:
-    from .proxy import WorkerInfo
+from .registry import Registry, WorkerInfo
 
 __all__ = ["Forwarder", "WSGIApp"]
 
@@ -72,8 +88,6 @@ log = logging.getLogger("rhttp_wsgi.proxy.forward")
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 StartResponse = Callable[..., Any]
-#: ``respond(status, header_block, body) -> sent?`` (see ``Forwarder.public_direct``).
-Respond = Callable[[int, bytes, bytes], bool]
 
 #: Request body chunk read from ``wsgi.input`` per write.
 CHUNK = 64 * 1024
@@ -81,39 +95,24 @@ CHUNK = 64 * 1024
 CLIENT_CHECK = 0.5
 IDEMPOTENT_RETRY = frozenset({"GET", "HEAD", "OPTIONS"})
 #: Client-supplied headers that would let a client speak for the proxy.
-_FORWARDING = frozenset({"forwarded", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host",
-                         "x-forwarded-port", "x-forwarded-prefix", "x-real-ip"})
+_FORWARDING = frozenset({b"forwarded", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
+                         b"x-forwarded-port", b"x-forwarded-prefix", b"x-real-ip"})
 #: Dropped besides HOP_BY_HOP: Host becomes :authority; Expect is answered at
 #: the public edge; HTTP2-Settings belongs to h2c upgrades.
-_DROP = HOP_BY_HOP | frozenset({"host", "expect", "http2-settings"})
+_DROP = HOP_BY_HOP | frozenset({b"host", b"expect", b"http2-settings"})
 #: RFC 3986 pchar plus "/" and "%": what may stay unescaped in :path.
 _PATH_SAFE = "/:@!$&'()*+,;=-._~"
-#: The same sets as bytes, for the direct path (h11's header names are bytes).
-_DROP_B = frozenset(n.encode("ascii") for n in _DROP)
-_FORWARDING_B = frozenset(n.encode("ascii") for n in _FORWARDING)
-_HOP_BY_HOP_B = frozenset(n.encode("ascii") for n in HOP_BY_HOP)
 _BAD_TARGET = re.compile(r"[ \r\n\x00\t#]")
-#: Response header lines the public side may write as they are: lowercase
-#: token names and values h11 would accept (see ``public.HEADER_BLOCK``).
-_RESPONSE_BLOCK = re.compile(rb"(?:[-!#$%&'*+.^_`|~0-9a-z]+: (?:[^\x00\s]+(?:[ \t]+[^\x00\s]+)*)?\r\n)*")
-#: Reason phrases, precomputed (``http.HTTPStatus`` lookups cost a few µs each).
-_REASONS: dict[int, str] = {int(st): st.phrase for st in http.HTTPStatus}
-#: The answer to a complete response sent through the public server's ``respond``.
-_ANSWERED: tuple[bytes, ...] = ()
-
-
-class Registry(Protocol):
-    """What the forwarder needs from the proxy's worker registry."""
-
-    def acquire(self, environ: Mapping[str, Any], avoid: Sequence[WorkerInfo]) -> WorkerInfo: ...
-
-    def release(self, worker: WorkerInfo) -> None: ...
-
-
-class BadRequest(Exception):
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
+#: Environ key -> the request field it holds (``HTTP_USER_AGENT`` -> ``user-agent``),
+#: b"" for a key that holds none.  Filled by :func:`_field_name`, bounded (clients
+#: choose the names).
+_ENVIRON_FIELDS: dict[str, bytes] = {}
+_ENVIRON_FIELDS_MAX = 1024
+#: Request methods known to be tokens; Connection values -> the fields they make
+#: hop-by-hop.  Both bounded (clients choose them).
+_METHODS: set[str] = set()
+_CONNECTION_DROP: dict[bytes, frozenset[bytes]] = {}
+_CACHE_MAX = 64
 
 
 class _ClientBodyError(Exception):
@@ -146,32 +145,8 @@ class Forwarder:
         except BadRequest as e:
             log.info("%s %s: %d %s", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"), e.status, e)
             return _error(start_response, e.status, str(e))
-        return self._run(environ, start_response, method, headers, length, None, None)
-
-    def public_direct(self, environ: dict[str, Any], items: Sequence[tuple[bytes, bytes]], bodyless: bool,
-                      start_response: StartResponse, respond: Respond) -> Iterable[bytes]:
-        """The turnkey public server's entry (``public.PublicServer``), when it runs this forwarder bare.
-
-        Same answers as the WSGI call, cheaper: ``items`` are h11's request
-        headers (lowercase names, values h11 validated), mapped straight to
-        HTTP/2 (:func:`build_request_h11`, the same mapping as
-        :func:`build_request` on the environ the server built from them);
-        ``bodyless`` is h11's framing verdict (no peek at ``wsgi.input``); a
-        complete response goes out through ``respond(status, header_block,
-        body)`` in one write, and anything else through ``start_response``.
-        """
         try:
-            method, headers, length = build_request_h11(environ, items, self.options)
-        except BadRequest as e:
-            log.info("%s %s: %d %s", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"), e.status, e)
-            return _error(start_response, e.status, str(e))
-        return self._run(environ, start_response, method, headers, length, bodyless, respond)
-
-    def _run(self, environ: dict[str, Any], start_response: StartResponse, method: str,
-             headers: list[tuple[bytes, bytes]], length: int | None, bodyless: bool | None,
-             respond: Respond | None) -> Iterable[bytes]:
-        try:
-            return self._forward(environ, start_response, method, headers, length, bodyless, respond)
+            return self._forward(environ, start_response, method, headers, length)
         except UpstreamError as e:
             level = logging.INFO if isinstance(e, (NoWorkerAvailable, _ClientGone)) else logging.WARNING
             log.log(level, "%s %s: %d %s", method, environ.get("PATH_INFO"), e.status, e)
@@ -182,17 +157,14 @@ class Forwarder:
             return _error(start_response, e.status, f"could not read the request body: {e}")
 
     def _forward(self, environ: dict[str, Any], start_response: StartResponse, method: str,
-                 headers: list[tuple[bytes, bytes]], length: int | None, bodyless: bool | None = None,
-                 respond: Respond | None = None) -> Iterable[bytes]:
+                 headers: list[tuple[bytes, bytes]], length: int | None) -> Iterable[bytes]:
         body = environ.get("wsgi.input")
         gone = environ.get("rhttp.client_disconnected")
         client_gone: Callable[[], bool] | None = gone if callable(gone) else None
         # Unknown length (chunked upload): peek so a bodyless request ends the
         # stream with its HEADERS and stays retryable.
         first = b""
-        if bodyless:
-            has_body = False  # the public server's framing says so: no peek
-        elif length is None and body is not None and (
+        if length is None and body is not None and (
                 environ.get("wsgi.input_terminated") or "HTTP_TRANSFER_ENCODING" in environ):
             first = _read_client(body, CHUNK)
             has_body = bool(first)
@@ -202,7 +174,7 @@ class Forwarder:
         # RFC 9113 §6.5.2 accounting, checked against each worker's advertised
         # limit: a worker that must refuse an oversized header list may have to
         # drop its whole tunnel (HPACK), taking every other stream with it.
-        head_size = sum(len(k) + len(v) + 32 for k, v in headers)
+        head_size = sum([len(k) + len(v) + 32 for k, v in headers])
         tried: list[WorkerInfo] = []
         failure: BaseException | None = None
         while True:
@@ -216,7 +188,7 @@ class Forwarder:
                                      " no other worker to retry on") from e
                 raise
             tunnel = worker.tunnel
-            limit = tunnel.proto.h2.remote_settings.max_header_list_size
+            limit = tunnel.proto.peer_max_header_list_size()
             if limit is not None and head_size > limit:
                 self.registry.release(worker)
                 raise UpstreamError(f"request header list of {head_size} bytes exceeds the worker's limit"
@@ -250,21 +222,16 @@ class Forwarder:
                 self.registry.release(worker)
                 raise
             break
-        complete = ch.in_ended and ch.error is None
-        fast: tuple[int, bytes, bytes | None] | None = None
         try:
-            if respond is not None and complete:
-                fast = _raw_response(resp)
-            if fast is None:
-                status, out_headers = _response_headers(resp, method)
+            code, fields, block, declared = _response_head(resp)
         except BadGateway:
             _finish(ch)
             self.registry.release(worker)
             raise
-        if complete:
+        if ch.in_ended and ch.error is None:
             # The whole response is already here (the common small answer):
-            # hand it over as one chunk with a Content-Length, so the public
-            # side needs no chunked encoding and writes it in one go.
+            # one CompleteResponse with a Content-Length, which the turnkey
+            # server writes in one go (and any server as a one-item body).
             try:
                 data = ch.read(-1, timeout=0)
             except (StreamReset, TunnelClosed) as e:
@@ -273,30 +240,22 @@ class Forwarder:
                 raise BadGateway(f"worker {worker.id} failed mid-response: {e}") from e
             _finish(ch)
             self.registry.release(worker)
-            if fast is not None:
-                assert respond is not None
-                code, block, declared_b = fast
-                no_body = method == "HEAD" or code == 204 or code == 304
-                if declared_b is None and not no_body:
+            if not (method == "HEAD" or code in NO_BODY_STATUS):
+                if declared is None:
+                    fields.append((b"content-length", b"%d" % len(data)))
                     block += b"content-length: %d\r\n" % len(data)
-                elif declared_b is not None and not no_body and int(declared_b) != len(data):
+                elif declared != len(data):
                     raise BadGateway(f"worker {worker.id} sent {len(data)} bytes for a Content-Length"
-                                     f" of {declared_b.decode()}")
-                if respond(code, block, data):
-                    return _ANSWERED
-                status, out_headers = _response_headers(resp, method)
-            bodyless = method == "HEAD" or status[:3] in ("204", "304")
-            declared = next((v for k, v in out_headers if k == "content-length"), None)
-            if declared is None and not bodyless:
-                out_headers.append(("content-length", str(len(data))))
-            elif declared is not None and not bodyless and int(declared) != len(data):
-                raise BadGateway(f"worker {worker.id} sent {len(data)} bytes for a Content-Length"
-                                 f" of {declared}")
+                                     f" of {declared}")
+            status = f"{code} {reason_phrase(code)}"
+            out_headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in fields]
+            result = CompleteResponse(code, status, tuple(out_headers), block, data)
             start_response(status, out_headers)
-            return [data]
+            return result
         body_iter = _ResponseBody(self.registry, worker, ch, client_gone)
         try:
-            start_response(status, out_headers)
+            start_response(f"{code} {reason_phrase(code)}",
+                           [(k.decode("latin-1"), v.decode("latin-1")) for k, v in fields])
         except BaseException:
             body_iter.close()
             raise
@@ -446,11 +405,11 @@ class _ResponseBody:
 
 def _encode(value: str, what: str) -> bytes:
     if not valid_value(value):
-        raise BadRequest(f"CR, LF or NUL in {what}")
+        raise BadRequest(400, f"CR, LF or NUL in {what}")
     try:
         return value.strip(" \t").encode("latin-1")
     except UnicodeEncodeError as e:
-        raise BadRequest(f"non-latin-1 characters in {what}") from e
+        raise BadRequest(400, f"non-latin-1 characters in {what}") from e
 
 
 def _request_path(environ: Mapping[str, Any]) -> bytes:
@@ -467,7 +426,7 @@ def _request_path(environ: Mapping[str, Any]) -> bytes:
                 if not path.startswith("/"):
                     path = "/" + path
             else:
-                raise BadRequest(f"invalid request target {path[:100]!r}")
+                raise BadRequest(400, f"invalid request target {path[:100]!r}")
     else:
         script = str(environ.get("SCRIPT_NAME", ""))
         info = str(environ.get("PATH_INFO", ""))
@@ -477,12 +436,12 @@ def _request_path(environ: Mapping[str, Any]) -> bytes:
             try:
                 path = quote((script + info).encode("latin-1"), safe=_PATH_SAFE) or "/"
             except UnicodeEncodeError as e:
-                raise BadRequest("non-latin-1 characters in the path") from e
+                raise BadRequest(400, "non-latin-1 characters in the path") from e
             query = environ.get("QUERY_STRING")
             if query:
                 path += "?" + str(query)
     if _BAD_TARGET.search(path):
-        raise BadRequest("invalid characters in the request target")
+        raise BadRequest(400, "invalid characters in the request target")
     if not path.startswith("/") and path != "*":
         path = "/" + path
     return _encode(path, "the request target")
@@ -497,7 +456,7 @@ def _authority(environ: Mapping[str, Any], scheme: str) -> bytes:
         host = name if not port or port == default else f"{name}:{port}"
     authority = _encode(str(host), "Host")
     if not authority or any(c in authority for c in b" /?#@"):
-        raise BadRequest("invalid Host header")
+        raise BadRequest(400, "invalid Host header")
     return authority
 
 
@@ -505,86 +464,109 @@ def _content_length(environ: Mapping[str, Any]) -> int | None:
     cl = environ.get("CONTENT_LENGTH")
     if cl in (None, ""):
         return None
-    text = str(cl).strip()
-    if not text.isdigit():
-        raise BadRequest(f"invalid Content-Length {text[:40]!r}")
-    return int(text)
+    try:
+        return parse_content_length(str(cl).strip())
+    except ValueError as e:
+        raise BadRequest(400, str(e)) from None
+
+
+def request_fields(environ: Mapping[str, Any]) -> list[tuple[bytes, bytes]]:
+    """The request's header fields as the neutral list: (lowercase name, value) bytes, one per
+    ``HTTP_*`` key and a non-empty ``CONTENT_TYPE``, in the environ's order.
+
+    Values are checked (no CR, LF or NUL: 400) and stripped of surrounding SP/HTAB
+    (joining repeated fields may have left an empty last element).
+    """
+    names = _ENVIRON_FIELDS
+    fields: list[tuple[bytes, bytes]] = []
+    for key, value in environ.items():
+        name = names.get(key)
+        if name is None:
+            name = _field_name(key)
+        if not name or (name is _CONTENT_TYPE and not value):
+            continue
+        text = value if type(value) is str else str(value)
+        if "\n" in text or "\r" in text or "\x00" in text:
+            raise BadRequest(400, f"CR, LF or NUL in {name.decode('latin-1')}")
+        try:
+            fields.append((name, text.strip(" \t").encode("latin-1")))
+        except UnicodeEncodeError as e:
+            raise BadRequest(400, f"non-latin-1 characters in {name.decode('latin-1')}") from e
+    return fields
+
+
+_CONTENT_TYPE = b"content-type"
+
+
+def _field_name(key: str) -> bytes:
+    """The field an environ key holds (b"" for none); an invalid name is a 400."""
+    if key[:5] == "HTTP_":
+        text = key[5:].lower().replace("_", "-")
+        if not valid_name(text):
+            raise BadRequest(400, f"invalid header name {text[:40]!r}")
+        name = text.encode("ascii")
+    else:
+        name = _CONTENT_TYPE if key == "CONTENT_TYPE" else b""
+    if len(_ENVIRON_FIELDS) < _ENVIRON_FIELDS_MAX:
+        _ENVIRON_FIELDS[key] = name
+    return name
 
 
 def build_request(environ: Mapping[str, Any], options: ProxyOptions
                   ) -> tuple[str, list[tuple[bytes, bytes]], int | None]:
-    """Map a WSGI environ to HTTP/2 request headers.
+    """Map a WSGI request to HTTP/2 request headers (whatever server built the environ).
 
-    Returns (method, headers, body length or None when unknown).
+    Returns (method, headers, body length or None when unknown).  The fields come
+    from :func:`request_fields`; hop-by-hop ones (and every token named in
+    ``Connection``) are dropped, ``TE: trailers`` is kept, and the
+    ``X-Forwarded-*`` set is ours (or the trusted client's, with our hop appended).
     """
     method = str(environ.get("REQUEST_METHOD", "GET"))
-    if not valid_name(method):
-        raise BadRequest(f"invalid method {method[:40]!r}")
+    if method not in _METHODS:
+        if not valid_name(method):
+            raise BadRequest(400, f"invalid method {method[:40]!r}")
+        if len(_METHODS) < _CACHE_MAX:
+            _METHODS.add(method)
     if method == "CONNECT":
-        raise BadRequest("CONNECT is not supported", 405)
+        raise BadRequest(405, "CONNECT is not supported")
     scheme = str(environ.get("wsgi.url_scheme", "http"))
     authority = _authority(environ, scheme)
     path = _request_path(environ)
-
     length = _content_length(environ)
-    # Tokens listed in Connection are hop-by-hop too (RFC 9110 §7.6.1).
-    connection_tokens = {t.strip().lower() for t in str(environ.get("HTTP_CONNECTION", "")).split(",")
-                         if t.strip()}
-    te_trailers = "trailers" in {t.split(";")[0].strip().lower()
-                                 for t in str(environ.get("HTTP_TE", "")).split(",")}
+    fields = request_fields(environ)
+    drop = _DROP
+    te_trailers = False
+    for name, value in fields:
+        if name == b"connection":
+            drop = _CONNECTION_DROP.get(value) or _connection_drop(value)
+        elif name == b"te":
+            te_trailers = b"trailers" in {t.split(b";")[0].strip().lower() for t in value.split(b",")}
     trusted = options.trust_forwarded
-    headers = _pseudo_headers(method, scheme, authority, path)
-    client_xff: bytes | None = None
-    client_proto = client_host = False
-    for key, value in environ.items():
-        if key.startswith("HTTP_"):
-            name = key[5:].lower().replace("_", "-")
-        elif key == "CONTENT_TYPE":
-            name = "content-type"
-            if not value:
-                continue
-        else:
-            continue
-        if name in _DROP or name in connection_tokens:
-            continue
-        if name in _FORWARDING:
-            if trusted:
-                if name == "x-forwarded-for":
-                    client_xff = _encode(str(value), "X-Forwarded-For")
-                    continue
-                if name == "x-forwarded-proto":
-                    client_proto = True
-                elif name == "x-forwarded-host":
-                    client_host = True
-            else:
-                continue
-        if not valid_name(name):
-            raise BadRequest(f"invalid header name {name[:40]!r}")
-        text = str(value)
-        if name == "cookie":
-            headers.append((b"cookie", _encode(text, "Cookie")))
-            continue
-        headers.append((name.encode("ascii"), _encode(text, name)))
-    _append_tail(headers, environ, scheme, authority, length, te_trailers, client_xff, client_proto, client_host)
-    return method, headers, length
-
-
-def _pseudo_headers(method: str, scheme: str, authority: bytes, path: bytes) -> list[tuple[bytes, bytes]]:
-    return [
+    headers = [
         (b":method", method.encode("ascii")),
         (b":scheme", scheme.encode("ascii", "replace")),
         (b":authority", authority),
         (b":path", path),
     ]
-
-
-def _append_tail(headers: list[tuple[bytes, bytes]], environ: Mapping[str, Any], scheme: str, authority: bytes,
-                 length: int | None, te_trailers: bool, client_xff: bytes | None, client_proto: bool,
-                 client_host: bool) -> None:
-    """The fields both request builders end with: framing, then X-Forwarded-* (ours, or the
-    trusted client's with our hop appended)."""
+    client_xff: bytes | None = None
+    client_proto = client_host = False
+    for field in fields:
+        name = field[0]
+        if name in drop:
+            continue
+        if name in _FORWARDING:
+            if not trusted:
+                continue
+            if name == b"x-forwarded-for":
+                client_xff = field[1]
+                continue
+            if name == b"x-forwarded-proto":
+                client_proto = True
+            elif name == b"x-forwarded-host":
+                client_host = True
+        headers.append(field)
     if length is not None:
-        headers.append((b"content-length", str(length).encode("ascii")))
+        headers.append((b"content-length", b"%d" % length))
     if te_trailers:
         headers.append((b"te", b"trailers"))
     remote = str(environ.get("REMOTE_ADDR", ""))
@@ -595,102 +577,55 @@ def _append_tail(headers: list[tuple[bytes, bytes]], environ: Mapping[str, Any],
         headers.append((b"x-forwarded-proto", scheme.encode("ascii", "replace")))
     if not client_host:
         headers.append((b"x-forwarded-host", authority))
-
-
-def build_request_h11(environ: Mapping[str, Any], items: Sequence[tuple[bytes, bytes]],
-                      options: ProxyOptions) -> tuple[str, list[tuple[bytes, bytes]], int | None]:
-    """:func:`build_request` for the turnkey public server, from h11's request headers.
-
-    ``items`` are (lowercase name, value) as h11 parsed and validated them
-    (token names; values without CR, LF, NUL or surrounding whitespace), and
-    ``environ`` is what ``public.py`` built from the same request.  The result
-    is the one :func:`build_request` gives for that environ (same headers,
-    same order, same joining of repeated fields), without the round trip
-    through environ keys and str.
-    """
-    method = str(environ["REQUEST_METHOD"])  # an h11-validated token
-    if method == "CONNECT":
-        raise BadRequest("CONNECT is not supported", 405)
-    scheme = str(environ.get("wsgi.url_scheme", "http"))
-    authority = _authority(environ, scheme)
-    path = _request_path(environ)
-    length = _content_length(environ)
-    # The fields as the environ holds them: repeated ones joined with ", ",
-    # Content-Type last wins, names with "_" left out, Cookie joined with "; "
-    # and last.
-    fields: dict[bytes, bytes] = {}
-    cookies: list[bytes] = []
-    for name, value in items:
-        if name == b"cookie":
-            cookies.append(value)
-        elif name == b"content-type":
-            fields[name] = value
-        elif name == b"content-length" or b"_" in name:
-            continue
-        else:
-            prev = fields.get(name)
-            fields[name] = value if prev is None else prev + b", " + value
-    if cookies:
-        fields[b"cookie"] = b"; ".join(cookies)
-    conn = fields.get(b"connection")
-    connection_tokens = ({t.strip().lower() for t in conn.split(b",") if t.strip()} if conn is not None
-                         else frozenset())
-    te = fields.get(b"te")
-    te_trailers = te is not None and b"trailers" in {t.split(b";")[0].strip().lower() for t in te.split(b",")}
-    trusted = options.trust_forwarded
-    headers = _pseudo_headers(method, scheme, authority, path)
-    client_xff: bytes | None = None
-    client_proto = client_host = False
-    for name, value in fields.items():
-        if name in _DROP_B or name in connection_tokens:
-            continue
-        if name == b"content-type" and not value:
-            continue
-        if name in _FORWARDING_B:
-            if not trusted:
-                continue
-            if name == b"x-forwarded-for":
-                client_xff = value.strip(b" \t")
-                continue
-            if name == b"x-forwarded-proto":
-                client_proto = True
-            elif name == b"x-forwarded-host":
-                client_host = True
-        # (joining may have left an empty last element: strip as _encode does)
-        headers.append((name, value.strip(b" \t")))
-    _append_tail(headers, environ, scheme, authority, length, te_trailers, client_xff, client_proto, client_host)
     return method, headers, length
 
 
-def _response_headers(resp: list[tuple[bytes, bytes]], method: str) -> tuple[str, list[tuple[str, str]]]:
-    """Validate the worker's response headers; returns (WSGI status, WSGI headers)."""
+def _connection_drop(value: bytes) -> frozenset[bytes]:
+    """What a request with this Connection value must not forward: the tokens it lists are
+    hop-by-hop too (RFC 9110 §7.6.1).  Cached, bounded (the usual values are few)."""
+    drop = _DROP | {t.strip().lower() for t in value.split(b",")}
+    if len(_CONNECTION_DROP) < _CACHE_MAX:
+        _CONNECTION_DROP[value] = drop
+    return drop
+
+
+def _response_head(resp: list[tuple[bytes, bytes]]) -> tuple[int, list[tuple[bytes, bytes]], bytes, int | None]:
+    """Check the worker's response headers: (status, fields, HTTP/1.1 header block, Content-Length).
+
+    The fields are the response's minus the hop-by-hop ones, and must be ones
+    HTTP/1.1 can carry (:func:`~rhttp_wsgi._http.h1_block`): the public side is
+    HTTP/1.1, and a value h11 refuses to write would otherwise cost the client
+    its connection after the proxy had committed to the response.  Anything
+    wrong is a :class:`BadGateway` (502).
+    """
     status_b = None
-    out: list[tuple[str, str]] = []
-    lengths: set[bytes] = set()
-    for name, value in resp:
-        if name == b":status":
-            status_b = value
-            continue
+    declared: bytes | None = None
+    fields: list[tuple[bytes, bytes]] = []
+    for field in resp:
+        name = field[0]
         if name[:1] == b":":
+            if name == b":status":
+                status_b = field[1]
+                continue
             raise BadGateway(f"the worker sent the pseudo-header {name!r} in a response")
-        try:
-            text_name = name.decode("ascii")
-        except UnicodeDecodeError as e:
-            raise BadGateway("the worker sent a non-ASCII header name") from e
-        if not valid_name(text_name) or text_name != text_name.lower():
-            raise BadGateway(f"the worker sent an invalid header name {text_name[:40]!r}")
-        if text_name in HOP_BY_HOP:
+        if name in HOP_BY_HOP:
             continue
-        text_value = value.decode("latin-1")
-        if not valid_value(text_value):
-            raise BadGateway(f"the worker sent CR, LF or NUL in the {text_name} header")
-        if text_name == "content-length":
-            lengths.add(value.strip())
-            if len(lengths) > 1 or not value.strip().isdigit():
-                raise BadGateway("the worker sent an invalid Content-Length")
-        out.append((text_name, text_value))
+        if name == b"content-length":
+            if declared is not None and field[1] != declared:
+                raise BadGateway("the worker sent conflicting Content-Length values")
+            declared = field[1]
+        fields.append(field)
     code = _status_code(status_b)
-    return f"{code} {_REASONS.get(code, 'Unknown')}", out
+    length = None
+    if declared is not None:
+        try:
+            length = parse_content_length(declared)
+        except ValueError as e:
+            raise BadGateway(f"the worker sent an {e}") from None
+    block = h1_block(fields)
+    if block is None:
+        raise BadGateway(f"the worker's response cannot be forwarded: {h1_problem(fields)}")
+    return code, fields, block, length
 
 
 def _status_code(status_b: bytes | None) -> int:
@@ -702,40 +637,9 @@ def _status_code(status_b: bytes | None) -> int:
     return code
 
 
-def _raw_response(resp: list[tuple[bytes, bytes]]) -> tuple[int, bytes, bytes | None] | None:
-    """The worker's response as (status, HTTP/1.1 header block, declared Content-Length).
-
-    The same checks as :func:`_response_headers` (raising the same
-    ``BadGateway``), on bytes: the block is the lines the public server may
-    write as they are.  None when some name or value is not plainly valid
-    (then :func:`_response_headers` and the WSGI path decide, as before).
-    """
-    status_b = None
-    declared: bytes | None = None
-    lines: list[bytes] = []
-    for name, value in resp:
-        if name[:1] == b":":
-            if name == b":status":
-                status_b = value
-                continue
-            raise BadGateway(f"the worker sent the pseudo-header {name!r} in a response")
-        if name in _HOP_BY_HOP_B:
-            continue
-        if name == b"content-length":
-            v = value.strip()
-            if (declared is not None and v != declared) or not v.isdigit():
-                raise BadGateway("the worker sent an invalid Content-Length")
-            declared = v
-        lines.append(name + b": " + value + b"\r\n")
-    block = b"".join(lines)
-    if not _RESPONSE_BLOCK.fullmatch(block):
-        return None
-    return _status_code(status_b), block, declared
-
-
 def _error(start_response: StartResponse, status: int, message: str,
            extra: list[tuple[str, str]] | None = None) -> list[bytes]:
-    reason = _REASONS.get(status) or ("Client Closed Request" if status == 499 else "Error")
+    reason = reason_phrase(status)
     body = f"{status} {reason}: {message}\n".encode("utf-8", "replace")
     headers = [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body))),
                ("Cache-Control", "no-store")]

@@ -81,14 +81,14 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from types import FrameType
 from typing import Any, ClassVar, NoReturn
 
 from gunicorn.workers.base import Worker  # type: ignore[import-untyped,import-not-found,unused-ignore]
 
 from .errors import RHTTPError
-from .options import WorkerOptions, coerce, options_from_env
+from .options import WorkerOptions, options_from_environ
 from .worker import WorkerPool
 
 __all__ = ["RHTTPWorker"]
@@ -236,13 +236,20 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def build_options(app: Callable[..., Any], *, gunicorn_threads: int = 1,
-                  environ: dict[str, str] | None = None) -> WorkerOptions:
-    """The pool's options: ``RHTTP_*`` variables, then gunicorn's ``--threads`` (when > 1)."""
-    raw = options_from_env(WorkerOptions, os.environ if environ is None else environ)
-    values: dict[str, Any] = {name: coerce(WorkerOptions, name, text) for name, text in raw.items()}
+def build_options(app: Callable[..., Any] | None, *, gunicorn_threads: int = 1,
+                  graceful_timeout: float | None = None,
+                  environ: Mapping[str, str] | None = None) -> WorkerOptions:
+    """The pool's options: the ``RHTTP_*`` variables, then gunicorn's settings.
+
+    gunicorn's ``--threads`` is the app thread pool size when ``RHTTP_THREADS``
+    is unset and it is > 1; its ``--graceful-timeout`` is the drain budget,
+    which ``RHTTP_SHUTDOWN_TIMEOUT`` may only shorten.
+    """
+    values = options_from_environ(WorkerOptions, environ)
     if "threads" not in values and gunicorn_threads > 1:
         values["threads"] = gunicorn_threads
+    if graceful_timeout is not None:
+        values["shutdown_timeout"] = min(graceful_timeout, values.get("shutdown_timeout", graceful_timeout))
     return WorkerOptions(app=app, **values)
 
 
@@ -289,7 +296,9 @@ class RHTTPWorker(Worker):  # type: ignore[misc]  # gunicorn ships no type infor
         # "Worker failed to boot" (one log line, exit code 3) instead of a
         # crash loop.
         try:
-            build_options(_placeholder_app, gunicorn_threads=self.cfg.threads).check_files()
+            options = build_options(None, gunicorn_threads=self.cfg.threads,
+                                    graceful_timeout=float(self.cfg.graceful_timeout))
+            options.check_files()
         except RHTTPError as e:
             self._boot_error(e)
         super().load_wsgi()
@@ -297,11 +306,7 @@ class RHTTPWorker(Worker):  # type: ignore[misc]  # gunicorn ships no type infor
         if self.max_requests < sys.maxsize:
             app = self._counting(app)
         try:
-            options = build_options(app, gunicorn_threads=self.cfg.threads)
-            budget = float(self.cfg.graceful_timeout)
-            if "shutdown_timeout" in options_from_env(WorkerOptions):
-                budget = min(budget, options.shutdown_timeout)
-            self.options = dataclasses.replace(options, shutdown_timeout=budget)
+            self.options = dataclasses.replace(options, app=app)
             self.pool = WorkerPool(options=self.options)
             self.pool.multiprocess = self.cfg.workers > 1
         except (RHTTPError, OSError) as e:
@@ -460,8 +465,3 @@ class RHTTPWorker(Worker):  # type: ignore[misc]  # gunicorn ships no type infor
     def _stop_now(self, pool: WorkerPool) -> None:
         self.log.info("rhttp worker: closing tunnels now")
         pool.shutdown(0)
-
-
-def _placeholder_app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-    """Stands in for the app while the options are validated, before it is imported."""
-    raise RuntimeError("placeholder")  # pragma: no cover

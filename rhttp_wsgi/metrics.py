@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from ._http import CompleteResponse
 from .options import parse_address
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -39,16 +40,38 @@ def _require() -> Any:
 
 
 class _CountingInput:
+    """``wsgi.input`` that counts what the app read.
+
+    It offers ``read1`` (what has arrived, as the turnkey server's input does) so
+    that a trickling upload keeps streaming through the forwarder with metrics on;
+    over an input without ``read1`` it is a plain ``read``.  Anything else is the
+    inner input's.
+    """
+
     __slots__ = ("_inner", "count")
 
     def __init__(self, inner: Any) -> None:
         self._inner = inner
         self.count = 0
 
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
     def read(self, *args: Any) -> bytes:
         data: bytes = self._inner.read(*args)
         self.count += len(data)
         return data
+
+    def read1(self, *args: Any) -> bytes:
+        read1 = getattr(self._inner, "read1", None)
+        data: bytes = read1(*args) if read1 is not None else self._inner.read(*args)
+        self.count += len(data)
+        return data
+
+    def readinto(self, b: Any) -> int:
+        n: int = self._inner.readinto(b)
+        self.count += n or 0
+        return n
 
     def readline(self, *args: Any) -> bytes:
         data: bytes = self._inner.readline(*args)
@@ -95,7 +118,9 @@ class _Body:
 class InstrumentedApp:
     """WSGI middleware: calls ``observe(environ, status, seconds, bytes_in, bytes_out)`` per request.
 
-    ``status`` is 0 when the app raised before choosing one.
+    ``status`` is 0 when the app raised before choosing one.  A
+    :class:`~rhttp_wsgi._http.CompleteResponse` is returned as it is (observed
+    from its ``close``), so the turnkey server still writes it in one go.
     """
 
     def __init__(self, app: WSGIApp, observe: Observer) -> None:
@@ -123,6 +148,19 @@ class InstrumentedApp:
         except BaseException:
             done(0)
             raise
+        if type(result) is CompleteResponse:
+            inner = result.on_close
+            complete = result
+
+            def closed() -> None:
+                try:
+                    if inner is not None:
+                        inner()
+                finally:
+                    done(len(complete.body))
+
+            result.on_close = closed
+            return result
         return _Body(result, done)
 
 

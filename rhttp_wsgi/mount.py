@@ -16,12 +16,12 @@ routine disconnect is one log line instead of an application traceback.
 from __future__ import annotations
 
 import errno
-import select
 import socket
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from .options import ProxyOptions, coerce, options_from_env
+from ._io import POLLRDHUP, peer_closed
+from .options import ProxyOptions, options_from_environ
 
 __all__ = ["environ_probe", "proxy_options_from_env", "socket_probe", "with_disconnect_probe"]
 
@@ -29,24 +29,9 @@ WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 #: Given a request's environ, a callable answering "has the client gone?" (or None: cannot tell).
 Probe = Callable[[dict[str, Any]], "Callable[[], bool] | None"]
 
-_POLLRDHUP: int = getattr(select, "POLLRDHUP", 0)
-
-
 def proxy_options_from_env(environ: Mapping[str, str] | None = None) -> ProxyOptions:
     """``ProxyOptions`` from the ``RHTTP_*`` environment variables (the CLI's names)."""
-    raw = options_from_env(ProxyOptions, environ)
-    return ProxyOptions(**{name: coerce(ProxyOptions, name, text) for name, text in raw.items()})
-
-
-def _peer_closed(sock: socket.socket) -> bool:
-    """True when the client closed its side; never reads (pipelined bytes stay queued)."""
-    try:
-        p = select.poll()
-        p.register(sock.fileno(), select.POLLIN | _POLLRDHUP)
-        events = p.poll(0)
-    except (OSError, ValueError):  # closed socket: fileno() is -1
-        return True
-    return any(mask & (_POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL) for _, mask in events)
+    return ProxyOptions(**options_from_environ(ProxyOptions, environ))
 
 
 def socket_probe(socket_key: str) -> Probe:
@@ -54,9 +39,9 @@ def socket_probe(socket_key: str) -> Probe:
 
     def probe(environ: dict[str, Any]) -> Callable[[], bool] | None:
         sock = environ.get(socket_key)
-        if not _POLLRDHUP or not isinstance(sock, socket.socket):
+        if not POLLRDHUP or not isinstance(sock, socket.socket):
             return None
-        return lambda: _peer_closed(sock)
+        return lambda: peer_closed(sock)
 
     return probe
 

@@ -1,10 +1,17 @@
 """Options, declared once.
 
-Each option is one dataclass field whose metadata carries its help text and
-bounds.  The constructor validation, the CLI flags (``--max-concurrent-streams``),
-the environment variables (``RHTTP_MAX_CONCURRENT_STREAMS``) and the settings
-reference in ``docs/settings.md`` are all derived from these declarations, so
-they cannot drift apart.
+Each option is one dataclass field: its annotation gives its type, its
+metadata its help text and bounds.  The constructor validation, the CLI flags
+(``--max-concurrent-streams``), the environment variables
+(``RHTTP_MAX_CONCURRENT_STREAMS``, read by :func:`options_from_environ` alone)
+and the settings reference in ``docs/settings.md`` are all derived from these
+declarations, so they cannot drift apart.  The layers below take the options
+object itself and read each option under its own name.
+
+Types: ``bool``, ``int``, ``float``, ``str`` and lists of those, declared as
+``tuple[str, ...]``.  A list option is given as a tuple or list (a string is
+split on commas), as a repeated CLI flag, or as one comma-separated
+environment variable.
 """
 
 from __future__ import annotations
@@ -12,20 +19,26 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
-from collections.abc import Callable, Iterator, Mapping
+import types
+import typing
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from .errors import ConfigError, MTLSRequiredError
 
 __all__ = [
+    "OptionKind",
     "ProxyOptions",
     "TunnelOptions",
     "WorkerOptions",
     "env_name",
     "flag_name",
     "option_fields",
+    "option_kind",
+    "options_from_environ",
     "parse_address",
+    "parse_option",
     "settings_reference",
 ]
 
@@ -41,19 +54,13 @@ def _opt(
     minimum: float | None = None,
     maximum: float | None = None,
     choices: tuple[str, ...] | None = None,
-    cli: bool = True,
     metavar: str | None = None,
 ) -> Any:
-    meta = {
-        "help": help,
-        "minimum": minimum,
-        "maximum": maximum,
-        "choices": choices,
-        "cli": cli,
-        "metavar": metavar,
-    }
-    if isinstance(default, (list, dict, set)):
-        raise TypeError("mutable defaults are not allowed")  # pragma: no cover
+    """An option: a field with help text, and bounds (for numbers) or choices (for strings) if any.
+
+    For a list option, the bounds and choices apply to each element.
+    """
+    meta = {"help": help, "minimum": minimum, "maximum": maximum, "choices": choices, "metavar": metavar}
     return field(default=default, metadata=meta)
 
 
@@ -92,10 +99,100 @@ def _is_ip(host: str) -> bool:
 
 
 def option_fields(cls: type) -> Iterator[dataclasses.Field[Any]]:
-    """The fields of an options class that are real options (have help)."""
+    """The fields of an options class that are real options (declared with help)."""
     for f in dataclasses.fields(cls):
         if "help" in f.metadata:
             yield f
+
+
+class OptionKind(NamedTuple):
+    """An option's type: ``scalar`` (bool, int, float or str) and whether it is a list of those."""
+
+    scalar: type
+    many: bool
+
+
+_SCALARS = (bool, int, float)  # bool first: a bool is an int
+
+
+#: Per options class: each option's kind (computed once; get_type_hints evaluates the annotations).
+_KINDS: dict[type, dict[str, OptionKind]] = {}
+
+
+def _kinds(cls: type) -> dict[str, OptionKind]:
+    known = _KINDS.get(cls)
+    if known is not None:
+        return known
+    hints = typing.get_type_hints(cls)
+    out: dict[str, OptionKind] = {}
+    for f in option_fields(cls):
+        members = _union_members(hints[f.name])
+        many = False
+        if len(members) == 1 and typing.get_origin(members[0]) is tuple:
+            args = typing.get_args(members[0])
+            if len(args) != 2 or args[1] is not Ellipsis:
+                raise TypeError(f"{cls.__name__}.{f.name}: a list option is declared tuple[T, ...]")
+            members, many = _union_members(args[0]), True
+        # The first parsable type wins; anything else (str | Callable, say) is given as text.
+        out[f.name] = OptionKind(next((t for t in _SCALARS if t in members), str), many)
+    _KINDS[cls] = out
+    return out
+
+
+def _union_members(hint: Any) -> list[Any]:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return [a for a in typing.get_args(hint) if a is not type(None)]
+    return [hint]
+
+
+def option_kind(cls: type, name: str) -> OptionKind:
+    """The type of option ``name`` of ``cls``, from its annotation."""
+    return _kinds(cls)[name]
+
+
+def _parse_scalar(kind: type, name: str, text: str) -> Any:
+    try:
+        if kind is bool:
+            low = text.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(text)
+        if kind is int:
+            return int(text)
+        if kind is float:
+            return float(text)
+    except ValueError:
+        raise ConfigError(name, f"invalid value {text!r}") from None
+    return text
+
+
+def parse_option(cls: type, name: str, value: str | Sequence[str]) -> Any:
+    """Convert a CLI/environment text (or, for a list option, several) to option ``name``'s type.
+
+    A list option's texts are each split on commas; empty items are dropped.
+    Raises :class:`ConfigError` naming the option.
+    """
+    kind = option_kind(cls, name)
+    texts = [value] if isinstance(value, str) else list(value)
+    if kind.many:
+        return tuple(_parse_scalar(kind.scalar, name, item.strip())
+                     for text in texts for item in text.split(",") if item.strip())
+    if len(texts) != 1:
+        raise ConfigError(name, "takes one value")
+    return _parse_scalar(kind.scalar, name, texts[0])
+
+
+def options_from_environ(cls: type, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The options of ``cls`` set in ``environ`` (default ``os.environ``) as ``RHTTP_*``, parsed.
+
+    The one reader of the environment: the CLI (under its flags), the gunicorn
+    worker and :func:`rhttp_wsgi.mount.proxy_options_from_env` all use it.
+    """
+    env = os.environ if environ is None else environ
+    return {f.name: parse_option(cls, f.name, env[env_name(f.name)])
+            for f in option_fields(cls) if env_name(f.name) in env}
 
 
 def env_name(name: str) -> str:
@@ -106,22 +203,40 @@ def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _validate_common(obj: Any) -> None:
+def _validate_fields(obj: Any) -> None:
+    """Bounds and choices of every option; a list option given as a string or list becomes a tuple."""
+    kinds = _kinds(type(obj))
     for f in option_fields(type(obj)):
         value = getattr(obj, f.name)
-        meta = f.metadata
         if value is None:
             continue
-        if isinstance(value, bool):
-            continue
-        if isinstance(value, (int, float)):
-            lo, hi = meta["minimum"], meta["maximum"]
-            if lo is not None and value < lo:
-                raise ConfigError(f.name, f"must be >= {lo}, got {value!r}")
-            if hi is not None and value > hi:
-                raise ConfigError(f.name, f"must be <= {hi}, got {value!r}")
-        if meta["choices"] is not None and value not in meta["choices"]:
-            raise ConfigError(f.name, f"must be one of {', '.join(meta['choices'])}; got {value!r}")
+        if kinds[f.name].many:
+            if isinstance(value, str):
+                value = parse_option(type(obj), f.name, value)
+            elif not isinstance(value, (list, tuple)):
+                raise ConfigError(f.name, f"expected a list, got {type(value).__name__}")
+            if not isinstance(value, tuple):
+                value = tuple(value)
+            # Frozen dataclass: the normalised value is stored the way __init__ stores fields.
+            object.__setattr__(obj, f.name, value)
+            for item in value:
+                _validate_value(f, item)
+        else:
+            _validate_value(f, value)
+
+
+def _validate_value(f: dataclasses.Field[Any], value: Any) -> None:
+    meta = f.metadata
+    if isinstance(value, bool):
+        return
+    if isinstance(value, (int, float)):
+        lo, hi = meta["minimum"], meta["maximum"]
+        if lo is not None and value < lo:
+            raise ConfigError(f.name, f"must be >= {lo}, got {value!r}")
+        if hi is not None and value > hi:
+            raise ConfigError(f.name, f"must be <= {hi}, got {value!r}")
+    if meta["choices"] is not None and value not in meta["choices"]:
+        raise ConfigError(f.name, f"must be one of {', '.join(meta['choices'])}; got {value!r}")
 
 
 def _check_file(option: str, path: str | None) -> None:
@@ -223,6 +338,12 @@ class TunnelOptions:
         None, "Serve Prometheus /metrics on HOST:PORT (needs the 'prometheus' extra).", metavar="HOST:PORT"
     )
 
+    def __post_init__(self) -> None:
+        """The checks every options class shares; subclasses run theirs around it."""
+        _validate_fields(self)
+        if self.metrics_bind is not None:
+            parse_address(self.metrics_bind, option="metrics_bind")
+
 
 @dataclass(frozen=True)
 class WorkerOptions(TunnelOptions):
@@ -290,7 +411,8 @@ class WorkerOptions(TunnelOptions):
         " (:scheme), or a fixed 'http' / 'https'.",
         choices=URL_SCHEME_POLICIES,
     )
-    app: Callable[..., Any] | None = field(default=None, metadata={"cli": False})
+    #: Not an option (no help: no flag, no variable): the WSGI app, given from Python.
+    app: Callable[..., Any] | None = None
 
     def __post_init__(self) -> None:
         if self.proxy is None:
@@ -300,9 +422,7 @@ class WorkerOptions(TunnelOptions):
             raise MTLSRequiredError(
                 "cert", "a client certificate and key are required: the proxy authenticates workers by mTLS"
             )
-        _validate_common(self)
-        if self.metrics_bind is not None:
-            parse_address(self.metrics_bind, option="metrics_bind")
+        super().__post_init__()
         if self.app is not None and not callable(self.app):
             raise ConfigError("app", f"the WSGI app must be callable, got {type(self.app).__name__}")
         if self.reconnect_max < self.reconnect_min:
@@ -349,8 +469,14 @@ class ProxyOptions(TunnelOptions):
     )
     public_cert: str | None = _opt(None, "Certificate for TLS on the public port (optional).", metavar="FILE")
     public_key: str | None = _opt(None, "Key for TLS on the public port.", metavar="FILE")
-    selector: str = _opt(
-        "least-in-flight", "How a worker is picked per request.", choices=("least-in-flight", "round-robin")
+    # (noqa: _opt returns a dataclasses.field, not a shared default; ruff cannot tell for this annotation.)
+    selector: str | Callable[..., Any] = _opt(  # noqa: RUF009
+        "least-in-flight",
+        "How a worker is picked per request: 'least-in-flight' (fewest forwards in flight, ties in"
+        " rotation), 'round-robin', or 'cn:HEADER' (only the workers whose certificate CN is the value of"
+        " the request header HEADER; 503 without one). From Python also any callable (environ, workers)"
+        " -> worker | None; see rhttp_wsgi.balancing.",
+        metavar="NAME",
     )
     response_timeout: float = _opt(
         60.0, "Seconds to wait for a worker's response headers before answering 504.", minimum=0.01
@@ -400,60 +526,47 @@ class ProxyOptions(TunnelOptions):
         parse_address(self.public_bind, option="public_bind")
         if (self.public_cert is None) != (self.public_key is None):
             raise ConfigError("public_cert", "public_cert and public_key go together")
-        _validate_common(self)
-        if self.metrics_bind is not None:
-            parse_address(self.metrics_bind, option="metrics_bind")
+        super().__post_init__()
+        # The selector vocabulary is balancing's, so Proxy(selector=...) and this option accept the
+        # same names.  Imported here: balancing needs the TLS stack, which `import rhttp_wsgi` skips.
+        from .balancing import resolve_selector
+
+        resolve_selector(self.selector)
 
     def check_files(self) -> None:
         for name in ("cert", "key", "workers_ca", "public_cert", "public_key"):
             _check_file(name, getattr(self, name))
 
 
-def options_from_env(cls: type, environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The raw ``RHTTP_*`` values that name options of ``cls``."""
-    env = os.environ if environ is None else environ
-    out: dict[str, str] = {}
-    for f in option_fields(cls):
-        if f.metadata.get("cli", True) and env_name(f.name) in env:
-            out[f.name] = env[env_name(f.name)]
-    return out
+#: The sections of ``docs/settings.md``: each options class and its title.
+_REFERENCE_SECTIONS: tuple[tuple[type, str], ...] = (
+    (WorkerOptions, "Worker (`rhttp-wsgi worker`, `WorkerPool`)"),
+    (ProxyOptions, "Proxy (`rhttp-wsgi proxy`, `Proxy`)"),
+)
+#: Options without a default that the constructor requires (it says why when one is missing).
+_REQUIRED = frozenset({"proxy", "cert", "key", "workers_ca"})
 
 
-def coerce(cls: type, name: str, text: str) -> Any:
-    """Convert a CLI/env string to the option's type, naming the option on error."""
-    f = {x.name: x for x in dataclasses.fields(cls)}[name]
-    default = f.default
-    try:
-        if isinstance(default, bool):
-            low = text.strip().lower()
-            if low in ("1", "true", "yes", "on"):
-                return True
-            if low in ("0", "false", "no", "off", ""):
-                return False
-            raise ValueError(text)
-        if isinstance(default, int):
-            return int(text)
-        if isinstance(default, float):
-            return float(text)
-    except ValueError:
-        raise ConfigError(name, f"invalid value {text!r}") from None
-    return text
-
-
-def settings_reference() -> str:
+def settings_reference(sections: Sequence[tuple[type, str]] = _REFERENCE_SECTIONS) -> str:
     """Markdown reference of every option: API keyword, CLI flag, environment variable."""
     lines = ["# Settings reference", "", "Generated from `rhttp_wsgi/options.py` by "
-             "`python -m rhttp_wsgi settings`. Every option is the same under three names.", ""]
-    for cls, title in ((WorkerOptions, "Worker (`rhttp-wsgi worker`, `WorkerPool`)"),
-                       (ProxyOptions, "Proxy (`rhttp-wsgi proxy`, `Proxy`)")):
+             "`python -m rhttp_wsgi settings`. Every option is the same under three names."]
+    if any(option_kind(cls, f.name).many for cls, _ in sections for f in option_fields(cls)):
+        lines += ["A list option takes its CLI flag once per value, or one environment variable with the"
+                  " values separated by commas."]
+    lines.append("")
+    for cls, title in sections:
         lines += [f"## {title}", "", "| keyword | CLI flag | environment | default | meaning |",
                   "|---|---|---|---|---|"]
         for f in option_fields(cls):
-            if not f.metadata.get("cli", True):
-                continue
-            default = "required" if f.default is None and f.name in ("proxy", "cert", "key", "workers_ca") \
-                else ("unset" if f.default is None else repr(f.default))
-            lines.append(f"| `{f.name}` | `{flag_name(f.name)}` | `{env_name(f.name)}` | {default} | "
-                         f"{f.metadata['help']} |")
+            many = option_kind(cls, f.name).many
+            if f.default is None:
+                default = "required" if f.name in _REQUIRED else "unset"
+            else:
+                default = "none" if f.default == () else repr(f.default)
+            flag = f"`{flag_name(f.name)}`" + (" (repeatable)" if many else "")
+            env = f"`{env_name(f.name)}`" + (" (comma-separated)" if many else "")
+            meaning = f.metadata["help"].replace("|", "\\|")  # a bare | would end the table cell
+            lines.append(f"| `{f.name}` | {flag} | {env} | {default} | {meaning} |")
         lines.append("")
     return "\n".join(lines)

@@ -21,7 +21,7 @@ Threads and locks:
 =========================  ===========================  ==========================
 state                      threads                      guard
 =========================  ===========================  ==========================
-registry (attached list,   forwarders (acquire /        ``_Registry.cond``
+registry (attached list,   forwarders (acquire /        ``WorkerRegistry.cond``
 per-worker counters)       release), lifecycle thread
                            (attach), tunnel threads
                            (detach)
@@ -46,246 +46,31 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
-from cryptography import x509
 from h2.errors import ErrorCodes
 
-from ._protocol import ProtocolSettings, TunnelProtocol
+from ._protocol import TunnelProtocol
 from ._tunnel import Tunnel
 from .balancing import Selector, resolve_selector
-from .errors import NoWorkerAvailable, TLSSetupError, UpstreamError
+from .errors import TLSSetupError
 from .forwarder import Forwarder, WSGIApp
 from .options import ProxyOptions, parse_address
-from .public import PublicServer, ThreadedTCPServer
-from .tls import TLSSession, peer_common_name, server_context
+from .public import PublicServer
+from .registry import WorkerInfo, WorkerRegistry
+from .server import ThreadedTCPServer
+from .tls import TLSSession, server_context
 
 __all__ = ["Proxy", "WorkerInfo"]
 
 log = logging.getLogger("rhttp_wsgi.proxy")
 
-#: h2's "no limit" default is 2**32+1; treat anything above this as unlimited.
-_UNLIMITED = 2**31 - 1
 #: Grace for threads after the shutdown deadline forced everything closed.
 _FORCE_GRACE = 5.0
 #: After the deadline: how long public connections get to write their 502s.
 _ERROR_GRACE = 1.0
-
-
-def _sans(cert: x509.Certificate) -> list[str]:
-    try:
-        ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return []
-    out: list[str] = []
-    for name in ext:
-        value = name.value
-        out.append(value if isinstance(value, str) else str(value))
-    return out
-
-
-class WorkerInfo:
-    """One attached worker tunnel: its verified identity and live counters.
-
-    The objects a selector and the hooks receive are live (``in_flight``,
-    ``total`` and ``max_concurrent_streams`` change); :meth:`Proxy.workers`
-    returns frozen copies (:meth:`snapshot`).  Identity attributes never change:
-    ``id``, ``certificate`` (a ``cryptography`` certificate, verified against
-    the workers' CA), ``common_name``, ``sans``, ``remote_addr``, ``attached_at``
-    (``time.time()`` of the TLS handshake).
-    """
-
-    __slots__ = (
-        "_mcs",
-        "_state",
-        "attached_at",
-        "certificate",
-        "common_name",
-        "id",
-        "in_flight",
-        "remote_addr",
-        "sans",
-        "seq",
-        "tls_version",
-        "total",
-        "tunnel",
-    )
-
-    def __init__(self, seq: int, certificate: x509.Certificate, remote_addr: tuple[Any, ...],
-                 tunnel: Tunnel | None = None, tls_version: str = "") -> None:
-        self.seq = seq
-        self.id = f"w{seq}"
-        self.certificate = certificate
-        self.common_name: str | None = peer_common_name(certificate)
-        self.sans: list[str] = _sans(certificate)
-        self.remote_addr = remote_addr
-        self.attached_at = time.time()
-        self.in_flight = 0
-        self.total = 0
-        self.tunnel: Tunnel = tunnel  # type: ignore[assignment]  # set right after construction
-        self._state = "pending"  # -> attached -> detached (registry lock)
-        self._mcs = 0
-        self.tls_version = tls_version
-
-    @property
-    def max_concurrent_streams(self) -> int:
-        """The worker's SETTINGS_MAX_CONCURRENT_STREAMS (live while attached)."""
-        if self._state == "snapshot" or self.tunnel is None:
-            return self._mcs
-        # Read without the tunnel lock (see the module doc): a plain int read of
-        # h2's settings, at worst one SETTINGS frame stale.
-        return min(self.tunnel.proto.peer_max_concurrent_streams(), _UNLIMITED)
-
-    @property
-    def attached(self) -> bool:
-        return self._state in ("attached", "snapshot")
-
-    @property
-    def draining(self) -> bool:
-        """The tunnel is closing or got/sent GOAWAY: it takes no new requests."""
-        if self._state == "snapshot" or self.tunnel is None:
-            return False
-        return not self.tunnel.accepting
-
-    @property
-    def selectable(self) -> bool:
-        return self._state == "attached" and self.tunnel is not None and self.tunnel.accepting
-
-    def snapshot(self) -> WorkerInfo:
-        copy = WorkerInfo.__new__(WorkerInfo)
-        for name in WorkerInfo.__slots__:
-            setattr(copy, name, getattr(self, name))
-        copy.sans = list(self.sans)
-        copy._mcs = self.max_concurrent_streams
-        copy._state = "snapshot"
-        return copy
-
-    def as_dict(self) -> dict[str, Any]:
-        """A JSON-friendly summary (for admin / monitoring endpoints)."""
-        return {
-            "id": self.id,
-            "common_name": self.common_name,
-            "sans": list(self.sans),
-            "remote_addr": list(self.remote_addr[:2]),
-            "in_flight": self.in_flight,
-            "total": self.total,
-            "attached_at": self.attached_at,
-            "max_concurrent_streams": self.max_concurrent_streams,
-            "serial": format(self.certificate.serial_number, "x"),
-        }
-
-    def __repr__(self) -> str:
-        return (f"<WorkerInfo {self.id} cn={self.common_name!r} from={self.remote_addr[:2]!r}"
-                f" in_flight={self.in_flight} total={self.total}>")
-
-
-class _Registry:
-    """Attached workers; reservation of stream slots for forwards."""
-
-    def __init__(self, selector: Selector, stream_wait: float, attach_wait: float = 0.0) -> None:
-        self.cond = threading.Condition(threading.Lock())
-        self.selector = selector
-        self.stream_wait = stream_wait
-        self.attach_wait = attach_wait
-        self.attached: list[WorkerInfo] = []
-        self.closed = False
-
-    # -- forwarders (server threads) ---------------------------------------------
-
-    def acquire(self, environ: Mapping[str, Any], avoid: Sequence[WorkerInfo]) -> WorkerInfo:
-        """Pick a worker with a free stream slot and reserve it.
-
-        Waits up to ``stream_wait`` while every eligible worker is full, and up
-        to ``attach_wait`` while no worker is attached at all.
-        """
-        deadline: float | None = None
-        attach_deadline: float | None = None
-        with self.cond:
-            while True:
-                if self.closed:
-                    raise NoWorkerAvailable("the proxy is shutting down")
-                live = [w for w in self.attached if w.selectable]
-                if avoid:
-                    fresh = [w for w in live if all(w is not a and w.id != a.id for a in avoid)]
-                    if fresh:
-                        live = fresh
-                if not live:
-                    # Tunnels come and go (a proxy restart, a worker replacing a
-                    # lost tunnel): optionally wait for one to attach.
-                    now = time.monotonic()
-                    if attach_deadline is None:
-                        attach_deadline = now + self.attach_wait
-                    if now >= attach_deadline:
-                        raise NoWorkerAvailable("no worker is attached")
-                    self.cond.wait(attach_deadline - now)
-                    continue
-                free = [w for w in live if w.in_flight < w.max_concurrent_streams]
-                if free:
-                    try:
-                        chosen = self.selector(environ, free)
-                    except Exception as e:
-                        log.exception("the worker selector failed")
-                        raise UpstreamError(f"the worker selector failed: {e}", status=500) from e
-                    if chosen is not None:
-                        picked = next((w for w in free if w is chosen or w.id == chosen.id), None)
-                        if picked is not None:
-                            picked.in_flight += 1
-                            picked.total += 1
-                            return picked
-                        if not any(w is chosen or w.id == chosen.id for w in live):
-                            raise NoWorkerAvailable(
-                                f"the selector chose a worker that is not attached ({chosen!r})")
-                    elif len(free) == len(live):
-                        raise NoWorkerAvailable("the selector chose no worker")
-                # Some worker is at its stream limit: wait for a slot.
-                now = time.monotonic()
-                if deadline is None:
-                    deadline = now + self.stream_wait
-                if now >= deadline:
-                    raise NoWorkerAvailable(
-                        f"every eligible worker is at its stream limit (waited {self.stream_wait:g}s)")
-                self.cond.wait(deadline - now)
-
-    def release(self, worker: WorkerInfo) -> None:
-        with self.cond:
-            worker.in_flight -= 1
-            self.cond.notify_all()
-
-    # -- lifecycle -------------------------------------------------------------------
-
-    def attach(self, worker: WorkerInfo) -> bool:
-        with self.cond:
-            if worker._state != "pending" or self.closed or worker.tunnel.closing:
-                return False
-            worker._state = "attached"
-            self.attached.append(worker)
-            self.cond.notify_all()
-            return True
-
-    def detach(self, worker: WorkerInfo) -> bool:
-        """Returns True if the worker had been attached."""
-        with self.cond:
-            was = worker._state == "attached"
-            worker._state = "detached"
-            if worker in self.attached:
-                self.attached.remove(worker)
-            self.cond.notify_all()
-            return was
-
-    def close(self) -> None:
-        with self.cond:
-            self.closed = True
-            self.cond.notify_all()
-
-    def wait_for(self, n: int, timeout: float | None) -> bool:
-        with self.cond:
-            return self.cond.wait_for(lambda: len(self.attached) >= n, timeout)
-
-    def snapshot(self) -> list[WorkerInfo]:
-        with self.cond:
-            return [w.snapshot() for w in self.attached]
 
 
 AttachHook = Callable[[WorkerInfo], "bool | None"]
@@ -326,9 +111,8 @@ class Proxy:
         self.selector: Selector = resolve_selector(selector if selector is not None else options.selector)
         self.on_attach = on_attach
         self.on_detach = on_detach
-        self._registry = _Registry(self.selector, options.stream_wait, options.attach_wait)
+        self._registry = WorkerRegistry(self.selector, options.stream_wait, options.attach_wait)
         self.wsgi_app: WSGIApp = Forwarder(self._registry, options)
-        self._settings = ProtocolSettings.from_options(options)
         self._lock = threading.Lock()
         self._seq = itertools.count(1)
         self._listeners: list[ThreadedTCPServer] = []
@@ -412,11 +196,9 @@ class Proxy:
         worker = WorkerInfo(next(self._seq), cert, tuple(addr) if isinstance(addr, tuple) else (addr,),
                             tls_version=session.protocol_version())
         tunnel = Tunnel(
-            sock, session, TunnelProtocol("client", self._settings),
+            sock, session, TunnelProtocol("client", o), o,
             name=f"worker-{worker.id}",
             on_ready=lambda t: self._events.put(("attach", worker)),
-            settings_timeout=o.handshake_timeout,
-            send_timeout=max(o.ping_timeout, 1.0),
             peer=worker,
         )
         worker.tunnel = tunnel
@@ -455,7 +237,7 @@ class Proxy:
                     log.exception("on_detach hook failed for worker %s", worker.id)
 
     def _attach(self, worker: WorkerInfo) -> None:
-        if worker._state != "pending" or worker.tunnel.closing:
+        if not worker.pending:
             return
         if self.on_attach is not None:
             try:
@@ -490,10 +272,7 @@ class Proxy:
             ctx.minimum_version = ssl.TLSVersion.TLSv1_2
             ctx.load_cert_chain(o.public_cert, o.public_key)
             ctx.set_alpn_protocols(["http/1.1"])
-        server = PublicServer(self.wsgi_app, (host, port), ssl_context=ctx, header_timeout=o.header_timeout,
-                              idle_timeout=o.idle_timeout, body_timeout=o.body_timeout,
-                              body_min_rate=o.body_min_rate, max_head=o.max_request_head,
-                              max_body=o.max_request_body, max_connections=o.max_connections)
+        server = PublicServer(self.wsgi_app, (host, port), options=o, ssl_context=ctx)
         with self._lock:
             closed = self._closed
             if not closed:

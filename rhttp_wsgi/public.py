@@ -9,7 +9,14 @@ for the forwarder's needs:
   encoding, ``Content-Length`` / ``Transfer-Encoding`` conflicts, keep-alive
   rules and pipelining are easy to get subtly wrong by hand; h11 is a small,
   strict, well-tested sans-I/O implementation, so this module only moves bytes
-  and builds the environ.
+  and builds the environ (with :func:`rhttp_wsgi._http.request_environ`, the
+  builder the worker uses too).
+* **A response known whole goes out in one write, without h11**: a one-item
+  list or tuple, and the forwarder's :class:`~rhttp_wsgi._http.CompleteResponse`
+  (whose header block was validated when it was built), even through
+  middleware, as long as the status and headers that reached
+  ``start_response`` are the ones it carries.  h11's state machine is then
+  restarted for the next request.
 * **Every body chunk the app yields is written at once** (one ``sendall`` per
   chunk, chunked encoding when the app set no ``Content-Length``), so server-sent
   events stream through.
@@ -17,14 +24,15 @@ for the forwarder's needs:
   connection without the terminating zero-length chunk** (or short of the
   ``Content-Length``): the client sees a truncated response instead of a clean
   one that silently lacks data.
-* Timeouts: ``header_timeout`` bounds how long a client may take to send a
-  request head (slowloris), ``idle_timeout`` how long a kept-alive connection
-  may sit between requests and how long a write may stall, ``body_timeout``
-  how long a request body read may stall and ``body_min_rate`` the slowest
-  average body rate (then 408, connection closed).
+* Timeouts (from :class:`~rhttp_wsgi.options.ProxyOptions`): ``header_timeout``
+  bounds how long a client may take to send a request head (slowloris),
+  ``idle_timeout`` how long a kept-alive connection may sit between requests and
+  how long a write may stall, ``body_timeout`` how long a request body read may
+  stall (0: forever) and ``body_min_rate`` the slowest average body rate (then
+  408, connection closed).
 * ``Expect: 100-continue`` is answered when the app first reads
   ``wsgi.input``; malformed requests get h11's suggested status (400, or 431
-  for an oversized head); ``max_body`` gives 413.
+  for an oversized head); ``max_request_body`` gives 413.
 * Request smuggling: on top of h11's checks (conflicting Content-Length,
   bad chunk sizes, unknown transfer codings, bare CR, whitespace before the
   colon), ambiguous framing is refused with 400 and the connection closed:
@@ -35,33 +43,43 @@ for the forwarder's needs:
   §5.2, §6.1, §6.3).  Bare LF line endings are accepted, as h11 (and RFC 9112
   §2.2) allow, and parsed consistently.
 
-Threads: one listener thread (``serve_forever``) and one thread per
-connection.  Nothing is shared between connections except the server's
-bookkeeping sets, guarded by ``ThreadedTCPServer._tlock``.
+Threads: one listener thread and one thread per connection
+(:class:`~rhttp_wsgi.server.ThreadedTCPServer`).  Nothing is shared between
+connections except the servers' bookkeeping sets, each under its lock.
 """
 
 from __future__ import annotations
 
-import http
 import io
 import logging
 import re
-import select
 import socket
-import socketserver
 import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any
-from urllib.parse import unquote_to_bytes
 
 import h11
 
+from ._http import (
+    CONNECTION_SPECIFIC,
+    NO_BODY_STATUS,
+    BadRequest,
+    CompleteResponse,
+    content_length,
+    h1_block,
+    reason_phrase,
+    request_environ,
+    valid_name,
+)
+from ._io import body_wait, peer_closed
 from .errors import UpstreamError
+from .options import ProxyOptions
+from .server import ThreadedTCPServer
 
-__all__ = ["PublicServer", "RequestBodyError", "ThreadedTCPServer", "WSGIApp"]
+__all__ = ["PublicServer", "RequestBodyError", "WSGIApp"]
 
 log = logging.getLogger("rhttp_wsgi.public")
 
@@ -73,26 +91,21 @@ RECV_SIZE = 65536
 #: request body so the client sees the response instead of a connection reset.
 DRAIN_LIMIT = 4 << 20
 DRAIN_TIME = 2.0
-#: Response headers a WSGI app must not set on an HTTP/1.1 connection; framing
+#: Response headers a WSGI app must not set on an HTTP/1.1 connection: framing
 #: is h11's job (PEP 3333 forbids hop-by-hop headers from apps, too).
-_APP_HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
-                             b"upgrade", b"te", b"trailer"})
-_NO_BODY_STATUS = frozenset({204, 304})
-_POLLRDHUP: int = getattr(select, "POLLRDHUP", 0)
+_APP_FRAMING = CONNECTION_SPECIFIC | frozenset({b"te", b"trailer"})
 #: The blank line that ends a head (h11 accepts bare LF too).
 _END_OF_HEAD = re.compile(rb"\n\r?\n")
 #: A header line that starts with SP/HTAB: obs-fold (RFC 9112 §5.2).
 _OBS_FOLD = re.compile(rb"\n[ \t]")
+#: Content-Length lines of a raw head: h11 merges equal repeats, this server refuses them.
 _CONTENT_LENGTH_LINE = re.compile(rb"(?im)^content-length[ \t]*:([^\r\n]*)")
-#: A block of response header lines as h11 would accept and write them: token
-#: names, field values (h11's ``field_value``: no NUL, no whitespace other
-#: than inner SP/HTAB), each line ended by CRLF.  One C-level match per
-#: response replaces h11's per-header validation on the fast path.
-HEADER_BLOCK = re.compile(rb"(?:[-!#$%&'*+.^_`|~0-9a-zA-Z]+: (?:[^\x00\s]+(?:[ \t]+[^\x00\s]+)*)?\r\n)*")
 #: reason-phrase = *( HTAB / SP / VCHAR / obs-text ) (RFC 9112 §4)
 _REASON = re.compile(rb"[\t \x21-\x7e\x80-\xff]*")
-#: Status code -> reason phrase (bytes), precomputed.
-REASONS: dict[int, bytes] = {int(st): st.phrase.encode("latin-1") for st in http.HTTPStatus}
+#: Response header names (as apps spell them) known to be tokens, mapped to their
+#: lowercase bytes; never a framing header.  Bounded (apps could generate names).
+_TOKEN_NAMES: dict[str, bytes] = {}
+_TOKEN_NAMES_MAX = 512
 
 
 class RequestBodyError(ValueError):
@@ -107,147 +120,15 @@ class _Closed(Exception):
     """The client went away (or the server is stopping)."""
 
 
-# ---------------------------------------------------------------------------
-# A TCP server that runs each connection on its own, tracked thread
-# ---------------------------------------------------------------------------
-
-
-class ThreadedTCPServer(socketserver.TCPServer):
-    """``socketserver.TCPServer`` with one tracked thread per connection.
-
-    Unlike ``ThreadingMixIn`` it joins its threads with a deadline
-    (:meth:`join_threads`) and can close connections it is told about.
-    ``handler(sock, addr)`` runs on the connection thread; the socket is
-    closed when it returns.
-    """
-
-    allow_reuse_address = True
-    request_queue_size = 1024
-
-    def __init__(
-        self,
-        address: tuple[str, int] | None,
-        handler: Callable[[socket.socket, Any], None],
-        *,
-        name: str,
-        sock: socket.socket | None = None,
-        max_connections: int = 0,
-        on_overload: Callable[[socket.socket], None] | None = None,
-    ) -> None:
-        self._handler = handler
-        self.name = name
-        self._tlock = threading.Lock()
-        self._threads: set[threading.Thread] = set()
-        self._count = 0
-        self._max_connections = max_connections
-        self._on_overload = on_overload
-        self._closed = False
-        self.serving = False
-        if sock is not None:
-            self.address_family = sock.family
-            super().__init__(sock.getsockname(), socketserver.BaseRequestHandler, bind_and_activate=False)
-            self.socket.close()
-            self.socket = sock
-            self.server_address = sock.getsockname()
-        else:
-            assert address is not None
-            host = address[0]
-            self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            super().__init__(address, socketserver.BaseRequestHandler, bind_and_activate=True)
-
-    @property
-    def bound(self) -> tuple[str, int]:
-        addr = self.server_address
-        return str(addr[0]), int(addr[1])
-
-    def process_request(self, request: Any, client_address: Any) -> None:  # listener thread
-        with self._tlock:
-            if self._closed:
-                self.shutdown_request(request)
-                return
-            overloaded = 0 < self._max_connections <= len(self._threads)
-            self._count += 1
-            if not overloaded:
-                t = threading.Thread(target=self._run, args=(request, client_address),
-                                     name=f"{self.name}-{self._count}", daemon=True)
-                self._threads.add(t)
-        if overloaded:
-            log.warning("%s: %d connections open; refusing %s", self.name, self._max_connections,
-                        client_address)
-            if self._on_overload is not None:
-                try:
-                    self._on_overload(request)
-                except OSError:
-                    pass
-            self.shutdown_request(request)
-            return
-        try:
-            t.start()
-        except RuntimeError:
-            log.error("%s: cannot start a thread for %s", self.name, client_address)
-            with self._tlock:
-                self._threads.discard(t)
-            self.shutdown_request(request)
-
-    def _run(self, request: socket.socket, client_address: Any) -> None:  # connection thread
-        try:
-            self._handler(request, client_address)
-        except Exception:
-            log.exception("%s: connection from %s failed", self.name, client_address)
-        finally:
-            self.shutdown_request(request)
-            with self._tlock:
-                self._threads.discard(threading.current_thread())
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        log.exception("%s: error accepting %s", self.name, client_address)
-
-    def stop_accepting(self) -> None:
-        """Stop the accept loop (if running) and close the listening socket."""
-        with self._tlock:
-            self._closed = True
-            serving = self.serving
-        if serving:
-            self.shutdown()
-        self.server_close()
-
-    def server_close(self) -> None:
-        try:
-            self.socket.close()
-        except OSError:  # pragma: no cover
-            pass
-
-    def serve(self, poll_interval: float = 0.05) -> None:
-        """``serve_forever`` unless already stopped (then return at once)."""
-        with self._tlock:
-            if self._closed:
-                return
-            self.serving = True
-        self.serve_forever(poll_interval)
-
-    def threads(self) -> list[threading.Thread]:
-        with self._tlock:
-            return list(self._threads)
-
-    def join_threads(self, timeout: float | None) -> bool:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        for t in self.threads():
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            t.join(remaining)
-        return not self.threads()
-
-
-# ---------------------------------------------------------------------------
-# The WSGI server
-# ---------------------------------------------------------------------------
-
-
 class PublicServer:
     """A threaded HTTP/1.1 (keep-alive) WSGI server on h11, optionally over TLS.
 
-    ``PublicServer(app, ("0.0.0.0", 8080)).start()`` returns the bound
-    address; :meth:`shutdown` stops accepting, lets in-flight requests finish
-    within the timeout, then closes every connection.
+    ``PublicServer(app, ("0.0.0.0", 8080), options=proxy_options).start()``
+    returns the bound address; :meth:`shutdown` stops accepting, lets in-flight
+    requests finish within the timeout, then closes every connection.  The
+    limits come from ``options`` (``header_timeout``, ``idle_timeout``,
+    ``body_timeout``, ``body_min_rate``, ``max_request_head``,
+    ``max_request_body``, ``max_connections``).
     """
 
     def __init__(
@@ -255,31 +136,20 @@ class PublicServer:
         app: WSGIApp,
         address: tuple[str, int] | None = None,
         *,
+        options: ProxyOptions,
         sock: socket.socket | None = None,
         ssl_context: ssl.SSLContext | None = None,
-        header_timeout: float = 15.0,
-        idle_timeout: float = 60.0,
-        body_timeout: float = 60.0,
-        body_min_rate: int = 500,
-        max_head: int = 65536,
-        max_body: int = 0,
-        max_connections: int = 0,
         name: str = "rhttp-public",
     ) -> None:
         self.app = app
-        #: The forwarder's direct entry (``Forwarder.public_direct``) when the
-        #: app *is* the forwarder, with no middleware in between: it maps h11's
-        #: already-validated request headers straight to HTTP/2 and answers a
-        #: complete response through ``_Response.respond``.  Any other app
-        #: (or a wrapped forwarder) takes the plain WSGI path.
-        self.direct: Callable[..., Iterable[bytes]] | None = getattr(app, "public_direct", None)
         self.ssl_context = ssl_context
-        self.header_timeout = header_timeout
-        self.idle_timeout = idle_timeout
-        self.body_timeout = body_timeout
-        self.body_min_rate = body_min_rate
-        self.max_head = max_head
-        self.max_body = max_body
+        self.header_timeout = options.header_timeout
+        self.idle_timeout = options.idle_timeout
+        #: None: a body read waits forever (``body_timeout`` 0).
+        self.body_timeout: float | None = options.body_timeout or None
+        self.body_min_rate = options.body_min_rate
+        self.max_head = options.max_request_head
+        self.max_body = options.max_request_body
         self.name = name
         self.url_scheme = "https" if ssl_context is not None else "http"
         self.stopping = threading.Event()
@@ -287,7 +157,7 @@ class PublicServer:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._server = ThreadedTCPServer(address, self._handle, name=name, sock=sock,
-                                         max_connections=max_connections, on_overload=_send_overloaded)
+                                         max_connections=options.max_connections, on_overload=_send_overloaded)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -389,11 +259,13 @@ class _Connection:
         self._base_environ: dict[str, Any] | None = None
         #: The current request's headers as (lowercase name, value).
         self.request_headers: list[tuple[bytes, bytes]] = []
+        #: The current request's Content-Length (None: absent).
+        self.request_length: int | None = None
         #: h11's keep-alive verdict for the current request.
         self.keep_alive = True
         #: The current request has no body (no Content-Length, no Transfer-Encoding).
         self.bodyless = True
-        #: The response went out without h11 (the fast path): h11's side of the
+        #: The response went out without h11 (in one write): h11's side of the
         #: cycle is stale and the next cycle starts on a fresh h11.Connection.
         self.bypassed = False
         try:
@@ -483,23 +355,12 @@ class _Connection:
 
     def client_gone(self) -> bool:
         """True when the client closed its side (checked without reading; Linux POLLRDHUP)."""
-        if self.closed:
-            return True
-        if not _POLLRDHUP:
-            return False
-        try:
-            p = select.poll()
-            p.register(self.raw.fileno(), select.POLLIN | _POLLRDHUP)
-            events = p.poll(0)
-        except (OSError, ValueError):
-            return True
-        return any(mask & (_POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL)
-                   for _, mask in events)
+        return self.closed or peer_closed(self.raw)
 
     # -- I/O ------------------------------------------------------------------------
 
-    def _set_timeout(self, timeout: float) -> bool:
-        """Make the socket timeout at most ``timeout`` (and at least 98% of it).
+    def _set_timeout(self, timeout: float | None) -> bool:
+        """Make the socket timeout at most ``timeout`` (and at least 98% of it; None: none).
 
         Returns True when the timeout in force is shorter than ``timeout``
         (the caller retries a recv that timed out early).  Performance: a
@@ -507,16 +368,22 @@ class _Connection:
         each ``settimeout`` is an ``ioctl``.
         """
         cur = self._timeout
+        if timeout is None:
+            if cur is not None:
+                self.sock.settimeout(None)
+                self._timeout = None
+            return False
         if cur is not None and timeout * 0.98 <= cur <= timeout:
             return cur != timeout
         self.sock.settimeout(timeout)
         self._timeout = timeout
         return False
 
-    def _recv(self, timeout: float) -> bytes:
-        if timeout <= 0:
+    def _recv(self, timeout: float | None) -> bytes:
+        """One recv, waiting at most ``timeout`` seconds (None: as long as it takes)."""
+        if timeout is not None and timeout <= 0:
             raise TimeoutError("deadline passed")
-        deadline = time.monotonic() + timeout if self._set_timeout(timeout) else 0.0
+        deadline = time.monotonic() + timeout if self._set_timeout(timeout) and timeout is not None else 0.0
         try:
             return self.sock.recv(RECV_SIZE)
         except ssl.SSLError as e:
@@ -535,11 +402,11 @@ class _Connection:
             raise _Closed(f"write failed: {e}") from e
 
     def _send(self, *events: Any) -> None:
-        data = b"".join(self.h11.send(ev) or b"" for ev in events)
+        data = b"".join([self.h11.send(ev) or b"" for ev in events])
         if data:
             self._write(data)
 
-    def _next_event(self, timeout: float) -> Any:
+    def _next_event(self, timeout: float | None) -> Any:
         """Next h11 event for the current request body, each recv bounded by ``timeout``."""
         while True:
             ev = self.h11.next_event()
@@ -597,12 +464,18 @@ class _Connection:
                     self._simple_error(431, f"request head larger than {s.max_head} bytes")
                     return None
                 problem = _framing_problem(ev, items, bytes(head))
+                length = None
+                if problem is None:
+                    try:
+                        length = content_length(items)
+                    except ValueError as e:  # h11 checked the digits; this is the size bound
+                        problem = str(e)
                 if problem is not None:
                     log.info("%s: refused request from %s: %s (400)", s.name, self.addr, problem)
                     self._simple_error(400, problem)
                     return None
                 self.keep_alive = _keep_alive(ev, items)
-                length = _content_length(items)
+                self.request_length = length
                 self.bodyless = (length == 0 if length is not None
                                  else all(k != b"transfer-encoding" for k, _ in items))
                 return ev
@@ -614,19 +487,20 @@ class _Connection:
         self._simple_error(status, str(e))
 
     def _simple_error(self, status: int, message: str) -> None:
-        body = f"{status} {_reason(status)}: {message}\n".encode("utf-8", "replace")
+        reason = reason_phrase(status)
+        body = f"{status} {reason}: {message}\n".encode("utf-8", "replace")
         headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", b"%d" % len(body)),
                    (b"connection", b"close")]
         try:
             if self.h11.our_state is h11.SEND_RESPONSE or self.h11.our_state is h11.IDLE:
-                self._send(h11.Response(status_code=status, headers=headers, reason=_reason(status).encode()),
+                self._send(h11.Response(status_code=status, headers=headers, reason=reason.encode()),
                            h11.Data(data=body), h11.EndOfMessage())
                 return
         except (h11.LocalProtocolError, _Closed):
             pass
         # h11 will not write after a protocol error in some states; the
         # answer is fixed bytes, so write it directly (nothing is parsed here).
-        raw = b"HTTP/1.1 %d %s\r\n" % (status, _reason(status).encode()) + b"".join(
+        raw = b"HTTP/1.1 %d %s\r\n" % (status, reason.encode()) + b"".join(
             k + b": " + v + b"\r\n" for k, v in headers) + b"\r\n" + body
         try:
             self.sock.settimeout(1.0)
@@ -644,28 +518,23 @@ class _Connection:
             self._simple_error(405, "CONNECT is not supported")
             return False
         if s.max_body:
-            length = _content_length(self.request_headers)
+            length = self.request_length
             if length is not None and length > s.max_body:
                 self._simple_error(413, f"request body larger than {s.max_body} bytes")
                 return False
         try:
             environ = self._environ(req)
-        except ValueError as e:
-            self._simple_error(400, str(e))
+        except BadRequest as e:
+            self._simple_error(e.status, str(e))
             return False
         resp = _Response(self, req.method == b"HEAD")
         result: Iterable[bytes] | None = None
         try:
-            direct = s.direct
-            if direct is not None:
-                result = direct(environ, self.request_headers, self.bodyless, resp.start_response, resp.respond)
-            else:
-                result = s.app(environ, resp.start_response)
-            if resp.complete:
-                pass  # answered through respond()
-            elif (isinstance(result, (list, tuple)) and len(result) == 1 and resp.headers is not None
-                    and not resp.sent):
-                resp.single(bytes(result[0]))
+            result = s.app(environ, resp.start_response)
+            whole = _whole_body(result) if resp.app_status is not None and not resp.sent else None
+            if whole is not None:
+                if type(result) is not CompleteResponse or not resp.write_complete(result):
+                    resp.single(whole)
             else:
                 for chunk in result:
                     if chunk:
@@ -675,26 +544,31 @@ class _Connection:
             log.debug("%s: client %s went away: %s", s.name, self.addr, e)
             return False
         except Exception as e:
+            method, target = req.method.decode("latin-1"), req.target.decode("latin-1")
             if resp.sent:
                 # Truncate visibly: no terminating chunk, connection closed.
                 log.warning("%s: response to %s %s failed after its headers were sent (%s: %s);"
-                            " closing the connection", s.name, req.method.decode("latin-1"),
-                            req.target.decode("latin-1"), type(e).__name__, e)
+                            " closing the connection", s.name, method, target, type(e).__name__, e)
+                return False
+            if isinstance(e, h11.LocalProtocolError):
+                # h11 refused to write the response (a header value HTTP/1.1
+                # cannot carry, a body shorter than its Content-Length...):
+                # nothing went out, and h11 can no longer answer on this connection.
+                log.warning("%s: the response to %s %s cannot be written as HTTP/1.1 (%s); nothing was"
+                            " sent, closing the connection", s.name, method, target, e)
                 return False
             status = getattr(e, "status", None)
             if isinstance(e, UpstreamError):
                 # The forwarder's body iterable failed before its first chunk
                 # (e.g. the worker's response was reset as malformed): nothing
                 # went out, so the client still gets the proper 502/504.
-                log.warning("%s: %s %s: %d %s", s.name, req.method.decode("latin-1"),
-                            req.target.decode("latin-1"), e.status, e)
+                log.warning("%s: %s %s: %d %s", s.name, method, target, e.status, e)
                 self._simple_error(e.status, str(e))
             elif isinstance(e, RequestBodyError) or (isinstance(status, int) and 400 <= status < 500):
                 log.info("%s: bad request body from %s: %s", s.name, self.addr, e)
                 self._simple_error(int(status or 400), str(e))
             else:
-                log.exception("%s: application error for %s %s", s.name, req.method.decode("latin-1"),
-                              req.target.decode("latin-1"))
+                log.exception("%s: application error for %s %s", s.name, method, target)
                 self._simple_error(500, "Internal Server Error")
             return False
         finally:
@@ -733,59 +607,26 @@ class _Connection:
 
     def _environ(self, req: h11.Request) -> dict[str, Any]:
         target = req.target
-        host_override = None
-        if target == b"*":
-            path, query = b"*", b""
-        else:
-            if target[:7].lower() == b"http://" or target[:8].lower() == b"https://":
+        authority = None
+        if target[:1] != b"/" and target != b"*":
+            low = target[:8].lower()
+            if low[:7] == b"http://" or low == b"https://":
                 # absolute-form (RFC 9112 §3.2.2): the authority replaces Host
                 rest = target.split(b"//", 1)[1]
-                slash = rest.find(b"/")
-                q = rest.find(b"?")
-                cut = min(x for x in (slash, q, len(rest)) if x >= 0)
-                host_override = rest[:cut]
+                cut = min(x for x in (rest.find(b"/"), rest.find(b"?"), len(rest)) if x >= 0)
+                authority = rest[:cut].decode("latin-1")
                 target = rest[cut:] or b"/"
                 if not target.startswith(b"/"):
                     target = b"/" + target
-            elif not target.startswith(b"/"):
-                raise ValueError("request target must be origin-form")
-            path, _, query = target.partition(b"?")
+            # (any other form is refused by request_environ)
         base = self._base_environ
         if base is None:
             base = self._base_environ = self._make_base_environ()
         environ = base.copy()
-        uri = target.decode("latin-1")
-        environ["REQUEST_METHOD"] = req.method.decode("latin-1")
-        environ["PATH_INFO"] = (unquote_to_bytes(path) if b"%" in path else path).decode("latin-1")
-        environ["QUERY_STRING"] = query.decode("latin-1")
-        environ["RAW_URI"] = environ["REQUEST_URI"] = uri
+        request_environ(environ, self.request_headers, req.method, target, authority)
         environ["SERVER_PROTOCOL"] = "HTTP/1.1" if req.http_version == b"1.1" else (
             "HTTP/" + req.http_version.decode("latin-1"))
-        environ["wsgi.input"] = _Input(self, _content_length(self.request_headers))
-        cookies: list[str] = []
-        for name_b, value_b in self.request_headers:
-            name = name_b.decode("latin-1")
-            value = value_b.decode("latin-1")
-            if name == "content-length":
-                environ["CONTENT_LENGTH"] = value
-                continue
-            if name == "content-type":
-                environ["CONTENT_TYPE"] = value
-                continue
-            if name == "cookie":
-                cookies.append(value)
-                continue
-            if "_" in name:
-                continue  # x_foo would impersonate x-foo in the environ
-            key = "HTTP_" + name.upper().replace("-", "_")
-            if key in environ:
-                environ[key] += ", " + value
-            else:
-                environ[key] = value
-        if cookies:
-            environ["HTTP_COOKIE"] = "; ".join(cookies)
-        if host_override is not None:
-            environ["HTTP_HOST"] = host_override.decode("latin-1")
+        environ["wsgi.input"] = _Input(self, self.bodyless)
         return environ
 
     def _make_base_environ(self) -> dict[str, Any]:
@@ -809,6 +650,15 @@ class _Connection:
         }
 
 
+def _whole_body(result: Iterable[bytes]) -> bytes | None:
+    """The body of a response known whole (a one-item list or tuple, a CompleteResponse), else None."""
+    if type(result) is CompleteResponse:
+        return result.body
+    if isinstance(result, (list, tuple)) and len(result) == 1:
+        return bytes(result[0])
+    return None
+
+
 def _framing_problem(req: h11.Request, items: list[tuple[bytes, bytes]], head: bytes) -> str | None:
     """Why a request's framing is ambiguous (400 and close), or None.
 
@@ -830,18 +680,6 @@ def _framing_problem(req: h11.Request, items: list[tuple[bytes, bytes]], head: b
     if len(lengths) > 1 or any(b"," in v for v in lengths):
         return "repeated Content-Length (RFC 9112 §6.3)"
     return None
-
-
-def _content_length(items: list[tuple[bytes, bytes]]) -> int | None:
-    for k, v in items:
-        if k == b"content-length":
-            return int(v)  # h11 validated it
-    return None
-
-
-def _reason(status: int) -> str:
-    phrase = REASONS.get(status)
-    return "Unknown" if phrase is None else phrase.decode("latin-1")
 
 
 def _header_items(headers: Any) -> list[tuple[bytes, bytes]]:
@@ -883,12 +721,12 @@ class _LogStream(io.TextIOBase):
 class _Input(io.RawIOBase):
     """``wsgi.input``: the request body, read from h11 on demand."""
 
-    def __init__(self, conn: _Connection, length: int | None) -> None:
+    def __init__(self, conn: _Connection, bodyless: bool) -> None:
         self._conn = conn
         self._buf = bytearray()
-        self._eof = False
+        #: A request without a body needs no h11 event to say so (nor a 100 Continue).
+        self._eof = bodyless
         self._seen = 0
-        self._length = length
         self._started: float | None = None
 
     def readable(self) -> bool:
@@ -907,21 +745,18 @@ class _Input(io.RawIOBase):
             c._send(h11.InformationalResponse(status_code=100, headers=[]))
         s = c.server
         timeout = s.body_timeout
-        if s.body_min_rate:
-            # Besides the per-read timeout, a minimum average rate (Apache
-            # mod_reqtimeout's MinRate): the allowance grows with what arrived,
-            # so a trickle -- a byte every few seconds, each read within
-            # body_timeout -- still ends.  Bytes h11 already holds are always
-            # returned (_next_event only times out when it must recv).
+        if timeout is not None and s.body_min_rate:
+            # Bytes h11 already holds are always returned (_next_event only
+            # times out when it must recv): only waiting is limited.
             now = time.monotonic()
             if self._started is None:
                 self._started = now
-            timeout = min(timeout, self._started + s.body_timeout + self._seen / s.body_min_rate - now)
+            timeout = body_wait(self._started, self._seen, timeout, s.body_min_rate, now)
         try:
             ev = c._next_event(timeout)
         except TimeoutError as e:
             c.must_close = True
-            why = (f"no request body data for {s.body_timeout:g}s" if timeout >= s.body_timeout
+            why = (f"no request body data for {s.body_timeout:g}s" if timeout == s.body_timeout
                    else f"request body slower than {s.body_min_rate} bytes/s")
             raise RequestBodyError(why, 408) from e
         except h11.RemoteProtocolError as e:
@@ -932,7 +767,7 @@ class _Input(io.RawIOBase):
         if isinstance(ev, h11.Data):
             self._buf += ev.data
             self._seen += len(ev.data)
-            limit = c.server.max_body
+            limit = s.max_body
             if limit and self._seen > limit:
                 raise RequestBodyError(f"request body larger than {limit} bytes", 413)
             return True
@@ -993,21 +828,32 @@ class _Input(io.RawIOBase):
 
 
 class _Response:
-    """Status and headers chosen by the app, and whether they went out."""
+    """Status and headers chosen by the app, and whether they went out.
 
-    __slots__ = ("close_after", "complete", "conn", "has_length", "head", "headers", "no_body", "reason",
-                 "sent", "status")
+    ``start_response`` checks the status and keeps the app's header list as it
+    is; it is converted (``_prepare``) only when the response is not written
+    from a :class:`CompleteResponse`, whose header block is ready.
+    """
+
+    __slots__ = ("app_headers", "app_status", "close_after", "conn", "has_length", "head", "headers",
+                 "no_body", "plain", "reason", "sent", "status")
 
     def __init__(self, conn: _Connection, head: bool) -> None:
         self.conn = conn
         self.head = head
+        #: What the app passed to start_response (None: not called yet).
+        self.app_status: str | None = None
+        self.app_headers: list[tuple[str, str]] = []
         self.status = 0
         self.reason = b""
+        #: The app's headers as (lowercase name, value) bytes, framing headers left
+        #: out; None until ``_prepare`` ran.
         self.headers: list[tuple[bytes, bytes]] | None = None
         self.has_length = False
+        #: Every name is a token (a block of them may be written without h11).
+        self.plain = True
+        #: Some of the response went out.
         self.sent = False
-        #: The whole response went out through the fast path (``respond``/``single``).
-        self.complete = False
         self.no_body = head
         self.close_after = False
 
@@ -1019,78 +865,85 @@ class _Response:
                     raise exc_info[1].with_traceback(exc_info[2])
             finally:
                 exc_info = None
-        elif self.headers is not None:
+        elif self.app_status is not None:
             raise AssertionError("start_response() called twice without exc_info")
         code_text, _, reason = status.partition(" ")
         if len(code_text) != 3 or not code_text.isdigit() or int(code_text) < 200:
             raise ValueError(f"invalid WSGI status {status!r}")
+        self.status = int(code_text)
+        self.reason = reason.encode("latin-1")
+        self.app_status = status
+        self.app_headers = headers
+        self.headers = None
+        self.no_body = self.head or self.status in NO_BODY_STATUS
+        return self.write
+
+    def _prepare(self) -> list[tuple[bytes, bytes]]:
+        """The app's headers as bytes (framing headers noted and left out)."""
+        if self.app_status is None:
+            raise AssertionError("the application returned without calling start_response()")
         out: list[tuple[bytes, bytes]] = []
-        has_length = False
-        close_after = False
-        for name, value in headers:
-            lname = name.lower().encode("latin-1")
-            if lname in _APP_HOP_BY_HOP:
-                if lname == b"connection" and "close" in value.lower():
-                    close_after = True
-                continue
+        has_length = close_after = False
+        plain = True
+        names = _TOKEN_NAMES
+        for name, value in self.app_headers:
+            lname = names.get(name)
+            if lname is None:
+                lname = name.lower().encode("latin-1")
+                if lname in _APP_FRAMING:
+                    if lname == b"connection" and "close" in value.lower():
+                        close_after = True
+                    continue
+                if not valid_name(name):
+                    plain = False  # h11 refuses it, with its own error
+                elif len(names) < _TOKEN_NAMES_MAX:
+                    names[name] = lname
             if lname == b"content-length":
                 has_length = True
             out.append((lname, value.encode("latin-1")))
-        self.status = int(code_text)
-        self.reason = reason.encode("latin-1")
         self.headers = out
         self.has_length = has_length
         self.close_after = close_after
-        self.no_body = self.head or self.status in _NO_BODY_STATUS
-        return self.write
+        self.plain = plain
+        return out
 
     def _response_event(self, extra: list[tuple[bytes, bytes]] | None = None) -> h11.Response:
-        assert self.headers is not None
-        headers = list(self.headers)
+        headers = list(self.headers if self.headers is not None else self._prepare())
         if extra:
             headers += extra
         if self.close_after or self.conn.must_close or self.conn.server.stopping.is_set():
             headers.append((b"connection", b"close"))
-        self.sent = True
         return h11.Response(status_code=self.status, headers=headers, reason=self.reason)
 
     def write(self, data: bytes) -> None:
-        if self.headers is None:
+        if self.app_status is None:
             raise AssertionError("write() before start_response()")
         if not data:
             return
         if not self.sent:
             if self.no_body:
                 self.conn._send(self._response_event())
-                return
-            self.conn._send(self._response_event(), h11.Data(data=bytes(data)))
+            else:
+                self.conn._send(self._response_event(), h11.Data(data=bytes(data)))
+            self.sent = True
             return
         if not self.no_body:
             self.conn._send(h11.Data(data=bytes(data)))
 
-    def respond(self, status: int, block: bytes, body: bytes) -> bool:
-        """Send a complete response in one write, without h11 (the forwarder's fast path).
-
-        ``block`` holds the header lines (``name: value\\r\\n`` each, lowercase
-        names, no hop-by-hop header) and must frame the body as h11 would:
-        a ``content-length`` equal to ``len(body)`` unless the status or the
-        method (HEAD) has no body, where a HEAD answer needs its
-        ``content-length``.  Returns False, having sent nothing, when it cannot
-        take this path (the caller then uses ``start_response``).
-        """
-        if self.headers is not None or self.sent:
+    def write_complete(self, result: CompleteResponse) -> bool:
+        """Send a :class:`CompleteResponse` in one write, without h11; False (nothing sent) when
+        it cannot go this way: start_response got another status or other headers
+        (middleware), or h11's state needs h11 (then the caller sends ``result.body`` as usual)."""
+        if (self.sent or result.status != self.app_status or result.headers != tuple(self.app_headers)
+                or not _REASON.fullmatch(self.reason)):
             return False
-        reason = REASONS.get(status)
-        if reason is None or status < 200 or not HEADER_BLOCK.fullmatch(block):
-            return False
-        if (self.head and status not in _NO_BODY_STATUS and not block.startswith(b"content-length: ")
+        block = result.block
+        if (self.head and self.status not in NO_BODY_STATUS and not block.startswith(b"content-length: ")
                 and b"\ncontent-length: " not in block):
             return False  # h11 would frame a length-less HEAD answer as chunked: let it
-        self.status = status
-        self.no_body = self.head or status in _NO_BODY_STATUS
-        return self._write_whole(reason, block, body)
+        return self._write_whole(block, result.body)
 
-    def _write_whole(self, reason: bytes, block: bytes, body: bytes) -> bool:
+    def _write_whole(self, block: bytes, body: bytes) -> bool:
         """Status line + header block + body in one ``sendall``; h11 is left out of this cycle."""
         c = self.conn
         if c.h11.they_are_waiting_for_100_continue or c.h11.our_state is not h11.SEND_RESPONSE:
@@ -1098,32 +951,32 @@ class _Response:
         if self.close_after or c.must_close or not c.keep_alive or c.server.stopping.is_set():
             block += b"connection: close\r\n"
             self.close_after = True
-        self.sent = self.complete = True
         c.bypassed = True
-        c._write(b"HTTP/1.1 %d %s\r\n%s\r\n%s" % (self.status, reason, block,
+        c._write(b"HTTP/1.1 %d %s\r\n%s\r\n%s" % (self.status, self.reason, block,
                                                      b"" if self.no_body else body))
+        self.sent = True
         return True
 
     def _try_fast(self, body: bytes) -> bool:
-        """``single()`` without h11: app headers validated once as a block."""
-        assert self.headers is not None
-        if not _REASON.fullmatch(self.reason):
+        """``single()`` without h11: the app's headers validated once, as a block."""
+        headers = self.headers if self.headers is not None else self._prepare()
+        if not self.plain or not _REASON.fullmatch(self.reason):
             return False
         if self.has_length:
-            lengths = [v for k, v in self.headers if k == b"content-length"]
+            lengths = [v for k, v in headers if k == b"content-length"]
             if len(lengths) != 1 or lengths[0] != b"%d" % len(body):
                 return False  # h11 has the precise rules (and errors) for these
             length_line = b""
         elif self.no_body:
-            if self.head and self.status not in _NO_BODY_STATUS:
+            if self.head and self.status not in NO_BODY_STATUS:
                 return False  # h11 frames a length-less HEAD answer as chunked
             length_line = b""
         else:
             length_line = b"content-length: %d\r\n" % len(body)
-        block = b"".join([k + b": " + v + b"\r\n" for k, v in self.headers]) + length_line
-        if not HEADER_BLOCK.fullmatch(block):
+        block = h1_block(headers)
+        if block is None:
             return False
-        return self._write_whole(self.reason, block, body)
+        return self._write_whole(block + length_line, body)
 
     def single(self, body: bytes) -> None:
         """The whole body is known: send it with a Content-Length in one write."""
@@ -1136,10 +989,9 @@ class _Response:
             self.conn._send(self._response_event(extra), h11.EndOfMessage())
         else:
             self.conn._send(self._response_event(extra), h11.Data(data=body), h11.EndOfMessage())
+        self.sent = True
 
     def finish(self) -> None:
-        if self.headers is None:
-            raise AssertionError("the application returned without calling start_response()")
         if not self.sent:
             self.single(b"")
             return

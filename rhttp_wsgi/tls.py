@@ -65,22 +65,68 @@ def _ssl_reason(e: BaseException) -> str:
 
 
 def _verify_callback(conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int) -> bool:
-    # OpenSSL already decided; this only keeps the reason for the log line.
+    """OpenSSL's verdict on each certificate of the peer's chain, plus our name check on the leaf.
+
+    OpenSSL decides about the chain; this keeps its reason for the log line
+    and, on the leaf (depth 0, called after the chain checks), checks the name
+    the :class:`TLSSession` expects: a mismatch fails the handshake like any
+    verification error (the peer gets an alert).  pyOpenSSL has no public call
+    to set OpenSSL's own expected host, hence the check here.
+    """
+    app = conn.get_app_data()
+    if not isinstance(app, dict):
+        return bool(ok)
     if not ok:
-        app = conn.get_app_data()
-        if isinstance(app, dict):
-            app.setdefault("verify_error", f"{crypto.X509StoreContextError.__name__} {errno} at depth {depth}:"
-                                            f" {_x509_error_string(errno)}")
-    return bool(ok)
+        app.setdefault("verify_error", f"{crypto.X509StoreContextError.__name__} {errno} at depth {depth}:"
+                                        f" {_x509_error_string(errno)}")
+        return False
+    name = app.get("verify_name")
+    if depth == 0 and name is not None:
+        if not _cert_matches(cert.to_cryptography(), name):
+            app.setdefault("verify_error", _mismatch(name))
+            return False
+        app["name_verified"] = True
+    return True
+
+
+#: OpenSSL's texts for the X509_V_ERR_* codes a tunnel meets (x509_txt.c; the
+#: codes are part of OpenSSL's API).  Only for the log line: other codes are
+#: reported by number.
+_X509_ERRORS = {
+    2: "unable to get issuer certificate",
+    7: "certificate signature failure",
+    9: "certificate is not yet valid",
+    10: "certificate has expired",
+    13: "format error in certificate's notBefore field",
+    14: "format error in certificate's notAfter field",
+    18: "self-signed certificate",
+    19: "self-signed certificate in certificate chain",
+    20: "unable to get local issuer certificate",
+    21: "unable to verify the first certificate",
+    22: "certificate chain too long",
+    23: "certificate revoked",
+    25: "path length constraint exceeded",
+    26: "unsuitable certificate purpose",
+    27: "certificate not trusted",
+    28: "certificate rejected",
+    32: "key usage does not include certificate signing",
+    34: "unhandled critical extension",
+    62: "hostname mismatch",
+    64: "IP address mismatch",
+    66: "EE certificate key too weak",
+    67: "CA certificate key too weak",
+    68: "CA signature digest algorithm too weak",
+    79: "invalid CA certificate",
+}
 
 
 def _x509_error_string(errno: int) -> str:
-    from OpenSSL._util import ffi, lib  # private, but only for a human-readable reason
+    return _X509_ERRORS.get(errno, "certificate verification error")
 
-    try:
-        return str(ffi.string(lib.X509_verify_cert_error_string(errno)).decode())
-    except Exception:  # pragma: no cover
-        return str(errno)
+
+def _mismatch(name: str) -> str:
+    kind = "IP address" if _ip(name) is not None else "hostname"
+    return f"{kind} mismatch: the proxy's certificate does not match {name!r}"
 
 
 def client_context(cert: str, key: str, ca: str | None) -> SSL.Context:
@@ -123,44 +169,53 @@ def server_context(cert: str, key: str, workers_ca: str) -> SSL.Context:
     return ctx
 
 
-def _set_expected_host(conn: SSL.Connection, name: str) -> bool:
-    """Make OpenSSL check the peer's certificate against ``name`` during the handshake."""
+def _ip(name: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
-        from OpenSSL._util import lib
-    except ImportError:  # pragma: no cover
-        return False
-    if not hasattr(lib, "SSL_get0_param"):  # pragma: no cover
-        return False
-    param = lib.SSL_get0_param(conn._ssl)
-    try:
-        ip = ipaddress.ip_address(name)
+        return ipaddress.ip_address(name)
     except ValueError:
-        ok = lib.X509_VERIFY_PARAM_set1_host(param, name.encode("ascii"), 0)
-    else:
-        ok = lib.X509_VERIFY_PARAM_set1_ip(param, ip.packed, len(ip.packed))
-    return bool(ok)
+        return None
 
 
 def _cert_matches(cert: x509.Certificate, name: str) -> bool:
-    """RFC 6125 matching, used only when OpenSSL's own check is unavailable."""
+    """Does ``cert`` name ``name``?  What OpenSSL's X509_check_host/_ip (flags 0) accept.
+
+    An IP literal matches an IP address SAN only.  A host name matches a DNS SAN
+    exactly (case-insensitive, trailing dot ignored) or by a wildcard that is
+    the whole leftmost label of a name with at least two more labels
+    (``*.example.com``: one label, not ``example.com``; partial wildcards such
+    as ``w*.example.com`` are refused); the subject CN is used only when the
+    certificate has no DNS SAN at all, as OpenSSL does.
+    """
     try:
         sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
-        return False
-    try:
-        ip = ipaddress.ip_address(name)
-    except ValueError:
-        ip = None
+        sans = None
+    ip = _ip(name)
     if ip is not None:
-        return ip in sans.get_values_for_type(x509.IPAddress)
-    name = name.lower().rstrip(".")
-    for pattern in sans.get_values_for_type(x509.DNSName):
-        pattern = pattern.lower().rstrip(".")
-        if pattern == name:
+        return sans is not None and ip in sans.get_values_for_type(x509.IPAddress)
+    host = _normalise(name)
+    patterns = sans.get_values_for_type(x509.DNSName) if sans is not None else []
+    if not patterns:
+        patterns = [v for v in (peer_common_name(cert),) if v is not None]
+    for pattern in patterns:
+        pattern = _normalise(pattern)
+        if pattern == host:
             return True
-        if pattern.startswith("*.") and "." in name and name.split(".", 1)[1] == pattern[2:]:
-            return True
+        if pattern.startswith("*.") and pattern.count(".") >= 2 and "." in host:
+            label, rest = host.split(".", 1)
+            if label and rest == pattern[2:]:
+                return True
     return False
+
+
+def _normalise(name: str) -> str:
+    name = name.rstrip(".").lower()
+    if not name.isascii():
+        try:
+            name = name.encode("idna").decode("ascii")
+        except UnicodeError:
+            pass
+    return name
 
 
 class TLSSession:
@@ -176,7 +231,6 @@ class TLSSession:
         self._conn.set_app_data(self._app)
         self.server_side = server_side
         self.verify_name = verify_name
-        self._name_checked_by_openssl = False
         if server_side:
             self._conn.set_accept_state()
         else:
@@ -184,7 +238,8 @@ class TLSSession:
             if sni:
                 self._conn.set_tlsext_host_name(sni.encode("idna"))
             if verify_name:
-                self._name_checked_by_openssl = _set_expected_host(self._conn, verify_name)
+                # checked on the leaf by _verify_callback, during the handshake
+                self._app["verify_name"] = verify_name
         self.closed = False
 
     # -- handshake (owner thread only, before the tunnel threads start) ----
@@ -250,10 +305,12 @@ class TLSSession:
         if proto != b"h2":
             got = proto.decode("ascii", "replace") if proto else "no protocol"
             raise ALPNError(f"the peer did not select ALPN h2 (got {got})")
-        if not self.server_side and self.verify_name and not self._name_checked_by_openssl:
+        if not self.server_side and self.verify_name and not self._app.get("name_verified"):
+            # A context whose verify callback is not ours (or no verification
+            # at all) did not check the name during the handshake: check it now.
             cert = self.peer_certificate()
             if cert is None or not _cert_matches(cert, self.verify_name):
-                raise TLSSetupError(f"the proxy's certificate does not match {self.verify_name!r}")
+                raise TLSSetupError(f"TLS handshake failed: {_mismatch(self.verify_name)}")
 
     # -- data (tunnel lock held) -------------------------------------------
 

@@ -1,35 +1,37 @@
 """The worker pool: keeps N tunnels to the proxy and serves a WSGI app on them.
 
 Threads: each slot has one thread that dials, handshakes and then *is* the
-tunnel's reader; the tunnel starts its own writer thread.  The app runs on the
-shared :class:`~rhttp_wsgi._pool.AppThreadPool`.  Pool-level state (slots,
+tunnel's reader; the tunnel starts its own writer thread.  Each tunnel's
+:class:`~rhttp_wsgi.streams.StreamPolicy` decides what a new stream becomes and
+runs its handler (the app, for a request) on the shared
+:class:`~rhttp_wsgi._pool.AppThreadPool`.  Pool-level state (slots,
 flags) is guarded by ``WorkerPool._lock``; nothing here holds it across I/O.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import random
-import signal
 import socket
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import FrameType, TracebackType
+from types import TracebackType
 from typing import Any
 
 import h2.events
 from h2.errors import ErrorCodes
 
 from ._pool import AppThreadPool
-from ._protocol import ProtocolSettings, TunnelProtocol
-from ._tunnel import Channel, Tunnel
+from ._protocol import TunnelProtocol
+from ._signals import wait_for_stop_signal
+from ._tunnel import Tunnel
 from .errors import ConfigError, TLSSetupError
 from .options import WorkerOptions
+from .streams import StreamPolicy
 from .tls import TLSSession, client_context
-from .wsgi import WSGIApp, WSGIContext, run_wsgi
+from .wsgi import WSGIApp, WSGIContext
 
 __all__ = ["TunnelInfo", "WorkerPool"]
 
@@ -110,8 +112,6 @@ class WorkerPool:
         self._shutdown_result = True
         self._pool = AppThreadPool(options.threads)
         self._slots = [_Slot(i) for i in range(options.connections)]
-        self._settings = ProtocolSettings.from_options(options)
-        self.requests_served = 0
         #: Set by process managers (the gunicorn worker) when siblings serve the same app.
         self.multiprocess = False
         self._retiring: list[Tunnel] = []
@@ -183,26 +183,12 @@ class WorkerPool:
         return ok
 
     def serve_forever(self, timeout: float | None = None) -> bool:
-        """Start, serve until SIGTERM/SIGINT, then drain within ``timeout`` (default: shutdown_timeout)."""
-        stop = threading.Event()
-        previous: dict[signal.Signals, Any] = {}
+        """Start, serve until SIGTERM/SIGINT, then drain within ``timeout`` (default: shutdown_timeout).
 
-        def handler(signum: int, frame: FrameType | None) -> None:
-            log.info("received %s; draining", signal.Signals(signum).name)
-            stop.set()
-
-        in_main = threading.current_thread() is threading.main_thread()
-        if in_main:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                previous[sig] = signal.signal(sig, handler)
-        try:
-            self.start()
-            while not stop.wait(0.5):
-                if self._shutdown_started:
-                    break
-        finally:
-            for sig, old in previous.items():
-                signal.signal(sig, old)
+        Also returns when another thread calls :meth:`shutdown` (it sets ``_stopping``).
+        """
+        self.start()
+        wait_for_stop_signal(self._stopping)
         return self.shutdown(self.options.shutdown_timeout if timeout is None else timeout)
 
     def __enter__(self) -> WorkerPool:
@@ -266,16 +252,11 @@ class WorkerPool:
                               draining=self._draining, server_name=o.proxy_host, body_timeout=o.body_timeout,
                               body_min_rate=o.body_min_rate, multiprocess=self.multiprocess)
             tunnel = Tunnel(
-                sock, session, TunnelProtocol("server", self._settings),
+                sock, session, TunnelProtocol("server", o), o,
                 name=name,
-                on_stream=functools.partial(self._submit, ctx=ctx),
+                streams=StreamPolicy(o, ctx, self._pool.submit),
                 on_ready=lambda t: self._on_ready(slot, t),
                 on_goaway=lambda t, ev: self._on_goaway(slot, generation, t, ev),
-                settings_timeout=o.handshake_timeout,
-                send_timeout=max(o.ping_timeout, 1.0),
-                stream_send_timeout=o.send_timeout,
-                request_timeout=o.request_timeout,
-                max_body_size=o.max_body_size,
                 clock=self._clock,
             )
             with self._lock:
@@ -356,13 +337,6 @@ class WorkerPool:
             slot.tunnel = None
             self._retiring = [*self._retiring, tunnel]
             self._spawn_slot_locked(slot)
-
-    def _submit(self, ch: Channel, *, ctx: WSGIContext) -> None:
-        self._pool.submit(self._serve, ch, ctx)
-
-    def _serve(self, ch: Channel, ctx: WSGIContext) -> None:
-        run_wsgi(ch, ctx)
-        self.requests_served += 1
 
 
 def _replace(options: WorkerOptions, **changes: Any) -> WorkerOptions:

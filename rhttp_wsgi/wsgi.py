@@ -13,12 +13,25 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 from typing import IO, Any
-from urllib.parse import unquote_to_bytes
 
 from h2.errors import ErrorCodes
 from hpack import NeverIndexedHeaderTuple
 
-from ._headers import CONNECTION_SPECIFIC, valid_name, valid_value
+from ._http import (
+    CONNECTION_SPECIFIC_STR,
+    HOST_SPLITS,
+    NEVER_INDEXED,
+    NO_BODY_STATUS,
+    OUTBOUND_STRIP_STR,
+    SHORT_COOKIE,
+    BadRequest,
+    parse_content_length,
+    request_environ,
+    split_host,
+    valid_name,
+    valid_value,
+)
+from ._io import body_wait
 from ._tunnel import Channel
 from .errors import RHTTPError, StreamReset, StreamTimeout, TunnelClosed
 
@@ -31,13 +44,6 @@ ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 _STATUS_REASON_500 = b"Internal Server Error\n"
-_NO_BODY_STATUS = frozenset({204, 304})
-
-
-class BadRequest(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 class WSGIContext:
@@ -53,7 +59,6 @@ class WSGIContext:
         "app",
         "body_min_rate",
         "body_timeout",
-        "request_count",
         "server_name",
         "static_environ",
         "url_scheme",
@@ -73,7 +78,6 @@ class WSGIContext:
         self.peer_certificate = peer_certificate
         self.draining = draining or threading.Event()
         self.server_name = server_name
-        self.request_count = 0
         #: Most seconds a ``wsgi.input`` read waits for body bytes (None/0 = forever):
         #: a stalled upload then raises StreamTimeout in the app and gets 408.
         self.body_timeout = body_timeout or None
@@ -133,19 +137,16 @@ class InputStream:
         timeout = self.timeout
         if timeout is None or not self.min_rate:
             return self._ch.read(size, timeout)
-        # Besides the idle timeout, a minimum average rate (Apache
-        # mod_reqtimeout's MinRate): the waiting allowance grows with what
-        # arrived, so a trickle -- a byte every few seconds, each within the
-        # idle timeout -- still ends.  Only waiting is limited: buffered bytes
-        # are always returned.
+        # Besides the idle timeout, a minimum average rate (_io.body_wait).
+        # Only waiting is limited: buffered bytes are always returned.
         now = time.monotonic()
         if self._started is None:
             self._started = now
-        left = self._started + timeout + self._got / self.min_rate - now
+        wait = body_wait(self._started, self._got, timeout, self.min_rate, now)
         try:
-            data = self._ch.read(size, min(timeout, max(left, 0.0)))
+            data = self._ch.read(size, wait)
         except StreamTimeout:
-            if left >= timeout:
+            if wait >= timeout:  # the idle timeout, not the rate
                 raise
             raise StreamTimeout(f"stream {self._ch.stream_id}: request body slower than"
                                 f" {self.min_rate} bytes/s") from None
@@ -256,75 +257,11 @@ class FileWrapper:
 
 
 def build_environ(ch: Channel, ctx: WSGIContext) -> dict[str, Any]:
-    """The environ for one request, to the letter of PEP 3333."""
-    method = scheme = authority = path = host = cookie = None
+    """The environ for one request, to the letter of PEP 3333 (raises :class:`BadRequest`)."""
     # The keys that never change, copied in one go (cheaper than setting them per request).
     environ: dict[str, Any] = ctx.static_environ.copy()
-    http_keys = _HTTP_KEYS
     assert ch.headers is not None
-    for name_b, value_b in ch.headers:
-        key = http_keys.get(name_b)
-        if key is None:
-            # Pseudo-headers, the headers with their own environ key, and names
-            # not seen before (or with "_" in them: never cached).
-            if name_b[:1] == b":":
-                if name_b == b":method":
-                    method = value_b.decode("latin-1")
-                elif name_b == b":path":
-                    path = value_b
-                elif name_b == b":scheme":
-                    scheme = value_b.decode("latin-1")
-                elif name_b == b":authority":
-                    authority = value_b.decode("latin-1")
-                continue
-            if name_b == b"host":
-                host = value_b.decode("latin-1")
-                continue
-            if name_b == b"content-length":
-                value = value_b.decode("latin-1")
-                if not (value.isdigit() and value.isascii()):
-                    raise BadRequest(400, f"invalid content-length {value!r}")
-                old = environ.get("CONTENT_LENGTH")
-                if old is not None and old != value:
-                    raise BadRequest(400, "conflicting content-length values")
-                environ["CONTENT_LENGTH"] = value
-                continue
-            if name_b == b"content-type":
-                environ["CONTENT_TYPE"] = value_b.decode("latin-1")
-                continue
-            if name_b == b"cookie":
-                # RFC 9113 §8.2.3: split cookie fields are joined with "; ".
-                value = value_b.decode("latin-1")
-                cookie = value if cookie is None else cookie + "; " + value
-                continue
-            key = _http_key(name_b)
-            if key is None:
-                # x_foo would collide with x-foo in the environ; drop it (as nginx and gunicorn do).
-                continue
-        value = value_b.decode("latin-1")
-        if key in environ:
-            environ[key] += ", " + value
-        else:
-            environ[key] = value
-    if method == "CONNECT":  # (before the :path check: a plain CONNECT has none)
-        raise BadRequest(501, "CONNECT is not supported")
-    if method is None or path is None:
-        raise BadRequest(400, "missing :method or :path")
-    if cookie is not None:
-        environ["HTTP_COOKIE"] = cookie
-    host_value = authority if authority is not None else host
-    if host_value is not None:
-        environ["HTTP_HOST"] = host_value
-    # :path is origin-form (or "*" for OPTIONS)
-    raw_uri = path.decode("latin-1")
-    if path == b"*":
-        if method != "OPTIONS":  # asterisk-form is for OPTIONS only (RFC 9110 §7.1)
-            raise BadRequest(400, "invalid :path")
-        path_part, query = b"*", b""
-    else:
-        path_part, _, query = path.partition(b"?")
-        if path_part[:1] != b"/":
-            raise BadRequest(400, "invalid :path")
+    scheme, host_value = request_environ(environ, ch.headers)
     policy = ctx.url_scheme
     if policy == "forwarded" and (fwd_proto := environ.get("HTTP_X_FORWARDED_PROTO")):
         url_scheme = fwd_proto.split(",")[0].strip().lower()
@@ -335,16 +272,11 @@ def build_environ(ch: Channel, ctx: WSGIContext) -> dict[str, Any]:
     if url_scheme != "http" and url_scheme != "https":
         url_scheme = "https" if url_scheme == "wss" else "http"
     if host_value:
-        hostname, port = _HOSTS.get(host_value) or _split_host(host_value)
+        hostname, port = HOST_SPLITS.get(host_value) or split_host(host_value)
         if not port:
             port = "443" if url_scheme == "https" else "80"
     else:
         hostname, port = ctx.server_name, ("443" if url_scheme == "https" else "80")
-    environ["REQUEST_METHOD"] = method
-    # (unquote_to_bytes returns a path without "%" unchanged: skip the call)
-    environ["PATH_INFO"] = (unquote_to_bytes(path_part) if b"%" in path_part else path_part).decode("latin-1")
-    environ["QUERY_STRING"] = query.decode("latin-1")
-    environ["RAW_URI"] = environ["REQUEST_URI"] = raw_uri
     environ["SERVER_NAME"] = hostname
     environ["SERVER_PORT"] = port
     environ["wsgi.url_scheme"] = url_scheme
@@ -354,24 +286,6 @@ def build_environ(ch: Channel, ctx: WSGIContext) -> dict[str, Any]:
     environ["rhttp.cancelled"] = ch.cancelled
     environ["rhttp.trailers"] = lambda: _decode_pairs(ch.trailers)
     return environ
-
-
-#: Request header name (bytes, as received) -> its ``HTTP_*`` environ key, for the
-#: ordinary headers seen so far (not the pseudo-headers, content-length/-type,
-#: cookie, host, nor names with "_").  Filled by :func:`_http_key`, bounded: the
-#: peer chooses the names.  (Plain dict reads and writes: safe across app threads.)
-_HTTP_KEYS: dict[bytes, str] = {}
-_HTTP_KEYS_MAX = 512
-
-
-def _http_key(name_b: bytes) -> str | None:
-    """The ``HTTP_*`` key of an ordinary header name; None for a name with "_" (dropped)."""
-    if b"_" in name_b:
-        return None
-    key = "HTTP_" + name_b.decode("latin-1").upper().replace("-", "_")
-    if len(_HTTP_KEYS) < _HTTP_KEYS_MAX:
-        _HTTP_KEYS[name_b] = key
-    return key
 
 
 #: The environ keys whose values are the same for every request (build_environ copies them first).
@@ -389,29 +303,6 @@ _STATIC_ENVIRON: dict[str, Any] = {
 
 def _decode_pairs(pairs: list[tuple[bytes, bytes]] | None) -> list[tuple[str, str]]:
     return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in pairs or ()]
-
-
-def _split_host(value: str) -> tuple[str, str]:
-    """``Host``/``:authority`` -> (host, port); port "" when absent or not digits."""
-    if value.startswith("["):
-        end = value.find("]")
-        if end > 0:
-            rest = value[end + 1:]
-            port = rest[1:]
-            hp = value[: end + 1], port if rest[:1] == ":" and port.isdigit() and port.isascii() else ""
-        else:
-            hp = value, ""
-    else:
-        host, sep, port = value.rpartition(":")
-        hp = (host, port) if sep and port.isdigit() and port.isascii() else (value, "")
-    if len(_HOSTS) < _HOSTS_MAX:
-        _HOSTS[value] = hp
-    return hp
-
-
-#: Host values seen -> their (host, port) split; bounded (the peer chooses them).
-_HOSTS: dict[str, tuple[str, str]] = {}
-_HOSTS_MAX = 256
 
 
 def _encode_headers(status: str, headers: list[tuple[str, str]]) -> tuple[int, list[tuple[bytes, bytes]], int | None]:
@@ -440,9 +331,9 @@ def _encode_headers(status: str, headers: list[tuple[str, str]]) -> tuple[int, l
                 if bname is not None and "\n" not in value and "\r" not in value and "\x00" not in value:
                     # (strip what h2's normalize_outbound_headers strips: bytes.strip(),
                     # i.e. SP, HTAB, VT, FF; CR/LF were refused above)
-                    bvalue = value.strip(_OWS)
+                    bvalue = value.strip(OUTBOUND_STRIP_STR)
                     if bname is _CONTENT_LENGTH:
-                        content_length = _parse_content_length(bvalue)
+                        content_length = parse_content_length(bvalue)
                     out.append((bname, bvalue.encode("latin-1")))
                     continue
         cl = _encode_header(item, out)
@@ -468,13 +359,6 @@ def _encode_status(status: str) -> tuple[int, tuple[bytes, bytes]]:
     return st
 
 
-def _parse_content_length(value: str) -> int:
-    """A Content-Length value (surrounding OWS already stripped): ASCII digits only."""
-    if not (value.isdigit() and value.isascii()):
-        raise ValueError(f"invalid Content-Length {value!r}")
-    return int(value)
-
-
 def _encode_header(item: tuple[str, str], out: list[tuple[bytes, bytes]]) -> int | None:
     """Validate, encode and append one response header (or drop it); its Content-Length if it is one."""
     if not isinstance(item, tuple) or len(item) != 2:
@@ -488,7 +372,7 @@ def _encode_header(item: tuple[str, str], out: list[tuple[bytes, bytes]]) -> int
         raise ValueError(f"invalid header name {name!r}")
     if not valid_value(value):
         raise ValueError(f"header {name!r} has CR, LF or NUL in its value")
-    if lname in CONNECTION_SPECIFIC:
+    if lname in CONNECTION_SPECIFIC_STR:
         return None  # forbidden in HTTP/2 (RFC 9113 §8.2.2)
     if lname == "te" and value.strip().lower() != "trailers":
         return None
@@ -498,13 +382,13 @@ def _encode_header(item: tuple[str, str], out: list[tuple[bytes, bytes]]) -> int
     # VT, FF; CR/LF were refused above): the worker's h2 connection runs with
     # outbound normalization and validation off because this function already
     # guarantees all of it (tests/unit/test_outbound_headers.py).
-    svalue = value.strip(_OWS)
+    svalue = value.strip(OUTBOUND_STRIP_STR)
     if lname == "content-length":
-        content_length = _parse_content_length(svalue)
+        content_length = parse_content_length(svalue)
         bname = _CONTENT_LENGTH
     bvalue = svalue.encode("latin-1")
-    if bname in _NEVER_INDEXED or (bname == b"cookie" and len(bvalue) < 20):
-        # as h2's _secure_headers: keep credentials out of the HPACK table
+    if bname in NEVER_INDEXED or (bname == b"cookie" and len(bvalue) < SHORT_COOKIE):
+        # the never-index rule (_http.never_indexed, inlined): credentials stay out of HPACK tables
         out.append(NeverIndexedHeaderTuple(bname, bvalue))
         return content_length
     out.append((bname, bvalue))
@@ -522,8 +406,6 @@ _PLAIN_NAMES: dict[str, bytes] = {}
 _STATUS_CACHE: dict[str, tuple[int, tuple[bytes, bytes]]] = {}
 _CACHE_MAX = 512
 _CONTENT_LENGTH = b"content-length"
-_OWS = " \t\x0b\x0c"
-_NEVER_INDEXED = frozenset({b"authorization", b"proxy-authorization"})
 
 
 class _Response:
@@ -563,7 +445,7 @@ class _Response:
             raise AssertionError("start_response() called twice without exc_info")
         code, encoded, cl = _encode_headers(status, headers)
         self.code, self.headers, self.content_length = code, encoded, cl
-        self.no_body = self.method_head or code in _NO_BODY_STATUS
+        self.no_body = self.method_head or code in NO_BODY_STATUS
         return self.write
 
     def _send_headers(self, end: bool) -> None:
@@ -629,19 +511,11 @@ def _error_response(ch: Channel, status: int, message: str) -> None:
 
 
 def run_wsgi(ch: Channel, ctx: WSGIContext) -> None:
-    """Serve one stream with the app (app thread)."""
-    try:
-        _run_wsgi(ch, ctx)
-    finally:
-        # Only now is this stream's thread free again (a reset or timed-out
-        # stream counts as lingering until here).
-        ch.handler_done()
+    """Serve one request stream with the app (app thread).
 
-
-def _run_wsgi(ch: Channel, ctx: WSGIContext) -> None:
-    ctx.request_count += 1
-    if ch.error is not None:  # reset while it waited in the queue: do not run the app
-        return
+    The stream handler of ordinary requests: ``streams.StreamPolicy`` runs it
+    (and skips a stream reset while queued, and calls ``ch.handler_done()``).
+    """
     try:
         environ = build_environ(ch, ctx)
     except BadRequest as e:

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 
 from OpenSSL import SSL
 
-from rhttp_wsgi._protocol import ProtocolSettings, TunnelProtocol
+from rhttp_wsgi._protocol import TunnelProtocol
 from rhttp_wsgi._tunnel import Tunnel
 from rhttp_wsgi.errors import TLSSetupError
+from rhttp_wsgi.options import TunnelOptions
 from rhttp_wsgi.tls import TLSSession, server_context
 
 
@@ -41,7 +42,7 @@ class MiniProxy:
     workers_ca: str
     #: called per accepted TCP connection (index) -> "ok" | "close" | "silent" | "no-settings" | "no-h2"
     behaviour: Callable[[int], str] = lambda i: "ok"
-    settings: ProtocolSettings = field(default_factory=ProtocolSettings)
+    options: TunnelOptions = field(default_factory=TunnelOptions)
     tunnels: list[Tunnel] = field(default_factory=list)
     sni_seen: list[str | None] = field(default_factory=list)
     handshake_errors: list[str] = field(default_factory=list)
@@ -111,7 +112,7 @@ class MiniProxy:
                 while s.recv(65536):  # read until the worker closes
                     pass
                 return
-            tunnel = Tunnel(s, sess, TunnelProtocol("client", self.settings), name="mini-proxy",
+            tunnel = Tunnel(s, sess, TunnelProtocol("client", self.options), self.options, name="mini-proxy",
                             on_ready=lambda t: self._notify())
             with self._cond:
                 self.tunnels.append(tunnel)

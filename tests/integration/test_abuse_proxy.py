@@ -30,8 +30,9 @@ import pytest
 from h2.errors import ErrorCodes
 from hyperframe.frame import PingFrame, PushPromiseFrame, RstStreamFrame, SettingsFrame
 
-from rhttp_wsgi._protocol import PREFACE, ProtocolSettings, TunnelProtocol
+from rhttp_wsgi._protocol import PREFACE, TunnelProtocol
 from rhttp_wsgi.errors import ProtocolViolation
+from rhttp_wsgi.options import ProxyOptions
 
 from .proxy_fixtures import (  # noqa: F401  (fixtures)
     WAIT,
@@ -342,8 +343,8 @@ def test_control_frame_flood_gets_enhance_your_calm(env: Env, make_raw: Callable
 
 def test_flood_guard_token_bucket_refills() -> None:
     """The core's bucket, sans I/O: a burst, a refill at the sustained rate, then a flood."""
-    proto = TunnelProtocol("client", ProtocolSettings(control_frame_rate=10, control_frame_burst=5,
-                                                      ping_interval=3600))
+    proto = TunnelProtocol("client", ProxyOptions(cert="c", key="k", workers_ca="ca", control_frame_rate=10,
+                                                  control_frame_burst=5, ping_interval=3600))
     proto.initiate(0.0)
     proto.data_to_send()
     settings = SettingsFrame(0).serialize()  # the first SETTINGS costs one token too
@@ -359,7 +360,8 @@ def test_flood_guard_token_bucket_refills() -> None:
         proto.receive(pings(1), 10.0)
     assert exc.value.error_code == ErrorCodes.ENHANCE_YOUR_CALM
     assert proto.goaway_sent
-    unlimited = TunnelProtocol("client", ProtocolSettings(control_frame_rate=0, ping_interval=3600))
+    unlimited = TunnelProtocol("client", ProxyOptions(cert="c", key="k", workers_ca="ca", control_frame_rate=0,
+                                                      ping_interval=3600))
     unlimited.initiate(0.0)
     unlimited.receive(PREFACE + settings + pings(5000), 0.0)  # 0 = no limit
 

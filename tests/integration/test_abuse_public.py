@@ -212,3 +212,17 @@ def test_keep_alive_pipelined_requests_still_work(env: Env) -> None:
     assert out.count(b"HTTP/1.1 200 ") == 3 and b"abc" in out
     assert_tunnel_unaffected(env, pool, worker_id)
 
+
+
+def test_body_timeout_zero_waits_for_a_slow_body(env: Env) -> None:
+    """body_timeout 0 (shared with the worker) means "wait forever": no 408, and no rate check either."""
+    pool = start(env, body_timeout=0, body_min_rate=100000)
+    worker_id = env.proxy.workers()[0].id
+    s = env.raw()
+    s.sendall(b"POST /slow HTTP/1.1\r\n" + H + b"Content-Length: 10\r\nConnection: close\r\n\r\nhello")
+    time.sleep(0.3)  # a pause the server must sit out (no lower bound on anything is asserted)
+    s.sendall(b"world")
+    out = read_until_close(s)
+    head, _, body = out.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and body == b"helloworld", out[:300]
+    assert_tunnel_unaffected(env, pool, worker_id)

@@ -26,6 +26,7 @@ from OpenSSL import SSL
 from rhttp_wsgi import WorkerPool
 from rhttp_wsgi.errors import TLSSetupError
 from rhttp_wsgi.pki import DemoPKI, write_pem_atomic
+from rhttp_wsgi.streams import StreamPolicy
 from rhttp_wsgi.tls import TLSSession, server_context
 
 from .minimal_proxy import MiniProxy
@@ -278,11 +279,13 @@ def test_worker_abuse_limits_reach_each_tunnel(pki: DemoPKI) -> None:
             assert pool.wait_ready(5)
             tunnel = pool._slots[0].tunnel
             assert tunnel is not None
-            s = tunnel.proto.settings
+            s = tunnel.proto.options
             assert (s.max_header_count, s.max_resets, s.control_frame_rate, s.control_frame_burst,
                     s.max_output_backlog) == (7, 9, 11.0, 12, 654321)
-            assert (tunnel._stall_timeout, tunnel._request_timeout, tunnel._max_body) == (4.5, 5.5, 1234)
-            ctx = tunnel._on_stream.keywords["ctx"]  # type: ignore[union-attr]
+            policy = tunnel.streams
+            assert isinstance(policy, StreamPolicy)
+            assert (policy.send_timeout, policy.request_timeout, policy.max_body_size) == (4.5, 5.5, 1234)
+            ctx = policy.ctx
             assert (ctx.body_timeout, ctx.body_min_rate) == (3.5, 500)
             r = proxy.request("GET", "/")
             assert r.status == 200

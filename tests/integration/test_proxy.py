@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import http.client
+import logging
 import os
 import threading
 import time
@@ -26,6 +27,7 @@ from .proxy_fixtures import (  # noqa: F401  (fixtures)
     read_until_close,
     wait_until,
 )
+from .raw_worker import RawWorker, Request
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -658,3 +660,34 @@ def test_header_list_above_the_workers_limit_is_431_at_the_proxy(env: Env) -> No
     assert status == 431
     assert env.request("GET", "/")[0] == 200
     assert pool.tunnels()[0].reconnects == 0
+
+
+@pytest.mark.parametrize("whole", [True, False], ids=["complete-response", "streamed-response"])
+def test_response_header_http11_cannot_carry_is_502(env: Env, caplog: pytest.LogCaptureFixture,
+                                                     whole: bool) -> None:
+    """A value valid in HTTP/2 but not in HTTP/1.1 (VT, FF): the client gets a 502 and the log says why."""
+    caplog.set_level(logging.WARNING, "rhttp_wsgi")
+
+    def responder(w: RawWorker, sid: int, req: Request) -> None:
+        headers = [(b":status", b"200"), (b"x-vt", b"a\x0bb")]
+        if whole:
+            w.send(w.headers_frame(sid, [*headers, (b"content-length", b"2")]),
+                   w.data_frame(sid, b"ok", end_stream=True))
+        else:  # headers first, the body later: the streamed path
+            w.send(w.headers_frame(sid, headers), w.data_frame(sid, b"o"))
+
+    env.start_proxy()
+    cert, key = env.pki.workers["worker"]
+    w = RawWorker(env.tunnel_port, str(cert), str(key), str(env.pki.ca_cert), responder=responder)
+    try:
+        assert env.proxy.wait_for_workers(1, WAIT)
+        s = env.raw()
+        s.sendall(b"GET /vt HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        out = read_until_close(s)
+        assert out.startswith(b"HTTP/1.1 502 "), out[:300]
+        assert b"\x0b" not in out
+        text = " | ".join(r.getMessage() for r in caplog.records)
+        assert "cannot be carried by HTTP/1.1" in text and "b'x-vt'" in text, text
+        assert "after its headers were sent" not in text, text
+    finally:
+        w.close()

@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 
-from rhttp_wsgi._protocol import ProtocolSettings, TunnelProtocol
+from rhttp_wsgi._protocol import TunnelProtocol
 from rhttp_wsgi._tunnel import Tunnel
+from rhttp_wsgi.options import TunnelOptions
 from rhttp_wsgi.tls import TLSSession, client_context
 
 from .proxy_fixtures import (  # noqa: F401  (fixtures)
@@ -44,12 +45,14 @@ class FakeWorker:
         self.thread: threading.Thread | None = None
         self.tunnel: Tunnel | None = None
         if mode == "refuse":
-            # no on_stream: the tunnel answers every stream with RST_STREAM(REFUSED_STREAM)
-            self.tunnel = Tunnel(self.sock, self.session, TunnelProtocol("server"), name=f"fake-{name}")
+            # no stream policy: the tunnel answers every stream with RST_STREAM(REFUSED_STREAM)
+            options = TunnelOptions()
+            self.tunnel = Tunnel(self.sock, self.session, TunnelProtocol("server", options), options,
+                                 name=f"fake-{name}")
             self.thread = threading.Thread(target=self.tunnel.run, name=f"fake-{name}")
             self.thread.start()
         elif mode == "silent":
-            proto = TunnelProtocol("server", ProtocolSettings(ping_interval=3600))
+            proto = TunnelProtocol("server", TunnelOptions(ping_interval=3600))
             proto.initiate(time.monotonic())
             self.sock.sendall(self.session.encrypt(proto.data_to_send()))
         else:  # pragma: no cover

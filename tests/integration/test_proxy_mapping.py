@@ -11,7 +11,7 @@ import pytest
 
 from rhttp_wsgi.balancing import LeastInFlight, RoundRobin, by_common_name, resolve_selector
 from rhttp_wsgi.errors import BadGateway, ConfigError
-from rhttp_wsgi.forwarder import BadRequest, _response_headers, build_request
+from rhttp_wsgi.forwarder import BadRequest, _response_head, build_request
 from rhttp_wsgi.options import ProxyOptions
 
 
@@ -94,15 +94,19 @@ def test_invalid_content_length_and_host(options: ProxyOptions) -> None:
 
 
 def test_response_headers_validation() -> None:
-    status, headers = _response_headers([(b":status", b"200"), (b"set-cookie", b"a=1"),
-                                         (b"set-cookie", b"b=2"), (b"x-ok", b"v")], "GET")
-    assert status == "200 OK"
-    assert headers == [("set-cookie", "a=1"), ("set-cookie", "b=2"), ("x-ok", "v")]
+    status, headers, block, length = _response_head([(b":status", b"200"), (b"set-cookie", b"a=1"),
+                                                     (b"set-cookie", b"b=2"), (b"x-ok", b"v")])
+    assert status == 200 and length is None
+    assert headers == [(b"set-cookie", b"a=1"), (b"set-cookie", b"b=2"), (b"x-ok", b"v")]
+    assert block == b"set-cookie: a=1\r\nset-cookie: b=2\r\nx-ok: v\r\n"
     for bad in ([(b":status", b"20")], [(b":status", b"200"), (b"x", b"a\nb")],
                 [(b":status", b"200"), (b"content-length", b"1"), (b"content-length", b"2")],
-                [(b":status", b"200"), (b"Bad Name", b"x")], [(b"x", b"y")]):
+                [(b":status", b"200"), (b"Bad Name", b"x")], [(b"x", b"y")],
+                # values HTTP/1.1 cannot carry (h11 would refuse to write them)
+                [(b":status", b"200"), (b"x", b"a\x0bb")], [(b":status", b"200"), (b"x", b"a\x0c")],
+                [(b":status", b"200"), (b"content-length", b"\xb2")]):
         with pytest.raises(BadGateway):
-            _response_headers(bad, "GET")
+            _response_head(bad)
 
 
 class _Fake:

@@ -330,3 +330,98 @@ def test_tls12_blocklisted_cipher_is_refused(pki: DemoPKI, proxy: MiniProxy) -> 
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as s:
         with pytest.raises(TLSSetupError):
             TLSSession(ctx, server_side=False).handshake(s, 5)
+
+
+# -- the proxy's name (checked on the leaf during the handshake, with public pyOpenSSL/cryptography API) --
+
+
+def _handshake(pki: DemoPKI, port: int, verify_name: str, ca: str | None = None) -> None:
+    import socket
+
+    from rhttp_wsgi.tls import TLSSession, client_context
+
+    cert, key = pki.workers["worker"]
+    ctx = client_context(str(cert), str(key), ca or str(pki.ca_cert))
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        TLSSession(ctx, server_side=False, verify_name=verify_name).handshake(s, 5)
+
+
+@pytest.mark.parametrize("name,reason", [
+    ("not-the-proxy.example", "hostname mismatch"),
+    ("127.0.0.2", "IP address mismatch"),
+    ("::2", "IP address mismatch"),
+])
+def test_a_name_the_proxy_certificate_does_not_carry_fails_the_handshake(
+        pki: DemoPKI, proxy: MiniProxy, name: str, reason: str) -> None:
+    from rhttp_wsgi.errors import TLSSetupError
+
+    with pytest.raises(TLSSetupError, match=f"TLS handshake failed.*{reason}.*{name!r}"):
+        _handshake(pki, proxy.port, name)
+    # the proxy saw the refusal as a failed handshake (the worker's alert), not a tunnel
+    assert proxy.wait_for(lambda: len(proxy.handshake_errors) >= 1, 5)
+    assert not proxy.tunnels
+
+
+@pytest.mark.parametrize("name", ["localhost", "LOCALHOST.", "127.0.0.1", "::1"])
+def test_names_the_proxy_certificate_carries_pass(pki: DemoPKI, proxy: MiniProxy, name: str) -> None:
+    _handshake(pki, proxy.port, name)
+
+
+def _server_cert(tmp_path: Path, pki: DemoPKI, *, sans: list[str], cn: str = "proxy") -> MiniProxy:
+    """A MiniProxy whose certificate (from a CA of its own) has exactly these DNS SANs (none: no SAN)."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = dt.datetime.now(dt.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "name-test CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(hours=1))
+          .not_valid_after(now + dt.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    builder = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+               .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - dt.timedelta(hours=1)).not_valid_after(now + dt.timedelta(days=1))
+               .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False))
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in sans]),
+                                        critical=False)
+    cert = builder.sign(ca_key, hashes.SHA256())
+    (tmp_path / "name-ca.crt").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "name.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "name.key").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                          serialization.PrivateFormat.PKCS8,
+                                                          serialization.NoEncryption()))
+    p = MiniProxy(str(tmp_path / "name.crt"), str(tmp_path / "name.key"), str(pki.ca_cert))
+    p.start()
+    return p
+
+
+@pytest.mark.parametrize("sans,cn,name,ok", [
+    (["*.example.test"], "proxy", "a.example.test", True),
+    (["*.example.test"], "proxy", "example.test", False),  # a wildcard is exactly one label
+    (["*.example.test"], "proxy", "a.b.example.test", False),
+    (["*.test"], "proxy", "example.test", False),  # not across a whole top-level domain
+    (["w*.example.test"], "proxy", "www.example.test", False),  # partial wildcards are refused
+    ([], "proxy.example.test", "proxy.example.test", True),  # no DNS SAN: the CN, as OpenSSL does
+    (["other.example.test"], "proxy.example.test", "proxy.example.test", False),  # a SAN: never the CN
+], ids=["wildcard", "wildcard-not-the-apex", "wildcard-one-label", "wildcard-tld", "partial-wildcard",
+        "cn-without-san", "cn-ignored-with-san"])
+def test_name_matching_rules(tmp_path: Path, pki: DemoPKI, sans: list[str], cn: str, name: str, ok: bool) -> None:
+    from rhttp_wsgi.errors import TLSSetupError
+
+    p = _server_cert(tmp_path, pki, sans=sans, cn=cn)
+    try:
+        if ok:
+            _handshake(pki, p.port, name, ca=str(tmp_path / "name-ca.crt"))
+        else:
+            with pytest.raises(TLSSetupError, match="hostname mismatch"):
+                _handshake(pki, p.port, name, ca=str(tmp_path / "name-ca.crt"))
+    finally:
+        p.close()

@@ -195,6 +195,16 @@ def test_options_come_from_rhttp_environment_and_gunicorn_threads(pki: DemoPKI) 
         build_options(_app, environ={**env, "RHTTP_CONNECTIONS": "many"})
 
 
+def test_graceful_timeout_is_the_drain_budget_the_environment_may_only_shorten(pki: DemoPKI) -> None:
+    cert, key = pki.workers["gunicorn"]
+    env = {"RHTTP_PROXY": "127.0.0.1:8443", "RHTTP_CERT": str(cert), "RHTTP_KEY": str(key)}
+    assert build_options(_app, graceful_timeout=12.0, environ=env).shutdown_timeout == 12.0
+    for variable, budget in (("5", 5.0), ("60", 12.0)):
+        o = build_options(_app, graceful_timeout=12.0, environ={**env, "RHTTP_SHUTDOWN_TIMEOUT": variable})
+        assert o.shutdown_timeout == budget
+    assert build_options(None, environ=env).app is None  # validated before the app is imported
+
+
 # -- a real master ------------------------------------------------------------------------------
 
 

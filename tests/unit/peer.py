@@ -1,12 +1,13 @@
 """An in-memory HTTP/2 peer that plays the *proxy* against a worker-role tunnel.
 
-The worker side is the real thing: ``Tunnel(sock_a, None, TunnelProtocol("server", ...))``
+The worker side is the real thing: ``Tunnel(sock_a, None, TunnelProtocol("server", options), options)``
 running its reader/writer threads over one end of a ``socket.socketpair()``
-(plaintext: ``tls=None``), dispatching streams to an :class:`AppThreadPool`
-running :func:`run_wsgi`.  The other end is driven by :class:`H2Peer`, which
-speaks raw frames built with ``hyperframe`` and an ``hpack.Encoder``, so a test
-can send exactly the bytes it wants (split header blocks, interleaved frames,
-tiny windows, bogus first frames) and look at exactly the frames that come back.
+(plaintext: ``tls=None``), with the worker's :class:`StreamPolicy` handing streams
+to an :class:`AppThreadPool` (running :func:`run_wsgi` for a request).  The
+other end is driven by :class:`H2Peer`, which speaks raw frames built with
+``hyperframe`` and an ``hpack.Encoder``, so a test can send exactly the bytes it
+wants (split header blocks, interleaved frames, tiny windows, bogus first
+frames) and look at exactly the frames that come back.
 
 What the peer does on its own (each can be switched off):
 
@@ -25,7 +26,7 @@ CONTINUATION, a header block that does not HPACK-decode, an unparsable frame.
 
 Typical use (``make_worker`` is a fixture, see ``conftest.py``)::
 
-    h = make_worker(app, settings=ProtocolSettings(...), peer_settings={S.INITIAL_WINDOW_SIZE: 10})
+    h = make_worker(app, options=worker_options(...), peer_settings={S.INITIAL_WINDOW_SIZE: 10})
     h.peer.request(1, "POST", "/x", body=b"abc")
     r = h.peer.response(1)                      # status, headers, body, trailers, reset
     h.peer.wait_for(lambda f: isinstance(f, RstStreamFrame) and f.stream_id == 3, timeout=5)
@@ -63,9 +64,11 @@ from hyperframe.frame import (
 )
 
 from rhttp_wsgi._pool import AppThreadPool
-from rhttp_wsgi._protocol import PREFACE, ProtocolSettings, TunnelProtocol
+from rhttp_wsgi._protocol import PREFACE, TunnelProtocol
 from rhttp_wsgi._tunnel import Tunnel
-from rhttp_wsgi.wsgi import WSGIContext, run_wsgi
+from rhttp_wsgi.options import WorkerOptions
+from rhttp_wsgi.streams import StreamPolicy
+from rhttp_wsgi.wsgi import WSGIContext
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -74,6 +77,7 @@ __all__ = [
     "S",
     "WorkerHarness",
     "make_worker",
+    "worker_options",
 ]
 
 DEFAULT_TIMEOUT = 5.0
@@ -638,35 +642,51 @@ class H2Peer:
 # -- the worker under test -------------------------------------------------------------
 
 
+def worker_options(**kw: Any) -> WorkerOptions:
+    """``WorkerOptions`` for a harness worker: ``kw`` over the defaults (no proxy is dialled, no file read).
+
+    The peer's SETTINGS deadline (``handshake_timeout``) is 5 s unless given.
+    """
+    kw.setdefault("handshake_timeout", 5.0)
+    return WorkerOptions(proxy="127.0.0.1:9", cert="unused.crt", key="unused.key", **kw)
+
+
 class WorkerHarness:
-    """A worker-role tunnel on one end of a socketpair, an app pool, and an H2Peer on the other."""
+    """A worker-role tunnel on one end of a socketpair, an app pool, and an H2Peer on the other.
+
+    ``options`` (see :func:`worker_options`) configures the protocol core, the
+    tunnel and the stream policy alike, as in a ``WorkerPool``.
+    """
 
     def __init__(
         self,
         app: Callable[..., Any],
         *,
-        settings: ProtocolSettings | None = None,
+        options: WorkerOptions | None = None,
         peer_settings: dict[int, int] | None = None,
         peer_conn_window: int | None = None,
         handshake: bool = True,
         threads: int = 16,
-        settings_timeout: float = 5.0,
         auto_ack_ping: bool = True,
         auto_window: bool = True,
         auto_ack_settings: bool = True,
         tunnel_kw: dict[str, Any] | None = None,
         ctx_kw: dict[str, Any] | None = None,
+        connect_handlers: dict[str | None, Callable[..., None]] | None = None,
     ) -> None:
         a, b = socket.socketpair()
         self.pool = AppThreadPool(threads, name="test-app")
         self.ctx = WSGIContext(app, **(ctx_kw or {}))
-        self.proto = TunnelProtocol("server", settings or ProtocolSettings())
+        self.options = options = options or worker_options()
+        self.proto = TunnelProtocol("server", options)
+        #: streams handed to the app pool
         self.dispatched = 0
-        #: run_wsgi calls that returned (the app thread is free again)
+        #: stream handlers (run_wsgi) that returned: the app thread is free again
         self.served = 0
         self._served_cond = threading.Condition()
-        self.tunnel = Tunnel(a, None, self.proto, name="worker", on_stream=self._on_stream,
-                             settings_timeout=settings_timeout, **(tunnel_kw or {}))
+        self.streams = StreamPolicy(options, self.ctx, self._submit, connect_handlers=connect_handlers or {})
+        self.tunnel = Tunnel(a, None, self.proto, options, name="worker", streams=self.streams,
+                             **(tunnel_kw or {}))
         self.reason: str | None = None
         self.thread = threading.Thread(target=self._run, name="worker-tunnel", daemon=True)
         self.peer = H2Peer(b, auto_ack_ping=auto_ack_ping, auto_window=auto_window,
@@ -677,13 +697,13 @@ class WorkerHarness:
             self.peer.handshake(peer_settings, conn_window=peer_conn_window)
             assert self.tunnel.ready.wait(DEFAULT_TIMEOUT), "worker tunnel never became ready"
 
-    def _on_stream(self, ch: Any) -> None:
+    def _submit(self, fn: Callable[..., None], *args: Any) -> None:
         self.dispatched += 1
-        self.pool.submit(self._serve, ch)
+        self.pool.submit(self._serve, fn, args)
 
-    def _serve(self, ch: Any) -> None:
+    def _serve(self, fn: Callable[..., None], args: tuple[Any, ...]) -> None:
         try:
-            run_wsgi(ch, self.ctx)
+            fn(*args)  # (the policy's runner: the handler, then ch.handler_done())
         finally:
             with self._served_cond:
                 self.served += 1
@@ -703,13 +723,10 @@ class WorkerHarness:
 
     def wait_in_flight(self, n: int, timeout: float = DEFAULT_TIMEOUT) -> None:
         deadline = time.monotonic() + timeout
-        with self.tunnel.lock:
-            while self.tunnel.in_flight != n:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise AssertionError(f"in_flight is {self.tunnel.in_flight}, expected {n}")
-                # _idle is notified when the registry empties; otherwise poll briefly
-                self.tunnel._idle.wait(min(remaining, 0.01))
+        while self.tunnel.in_flight != n:  # (a plain len() read: no lock needed)
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"in_flight is {self.tunnel.in_flight}, expected {n}")
+            time.sleep(0.005)
 
     def close(self) -> None:
         self.tunnel.close("test teardown")
@@ -723,7 +740,7 @@ class WorkerHarness:
 
 @pytest.fixture
 def make_worker() -> Any:
-    """Factory fixture: ``h = make_worker(app, settings=..., peer_settings=...)``.
+    """Factory fixture: ``h = make_worker(app, options=worker_options(...), peer_settings=...)``.
 
     Teardown closes every harness and asserts no thread was left behind.
     """

@@ -16,8 +16,9 @@ import pytest
 from h2.utilities import HeaderValidationFlags, normalize_outbound_headers, validate_outbound_headers
 from hpack import HeaderTuple, NeverIndexedHeaderTuple
 
-from rhttp_wsgi._headers import CONNECTION_SPECIFIC, valid_name
-from rhttp_wsgi._protocol import TunnelProtocol
+from rhttp_wsgi._http import CONNECTION_SPECIFIC_STR, valid_name
+from rhttp_wsgi._protocol import core_config
+from rhttp_wsgi.options import TunnelOptions
 from rhttp_wsgi.wsgi import _encode_headers
 
 RESPONSE = HeaderValidationFlags(is_client=False, is_trailer=False, is_response_header=True, is_push_promise=False)
@@ -83,7 +84,7 @@ def test_random_header_lists_are_refused_or_h2_identity() -> None:
         for name, value in out[1:]:
             text = name.decode("ascii")
             assert valid_name(text) and text == text.lower(), name
-            assert text not in CONNECTION_SPECIFIC
+            assert text not in CONNECTION_SPECIFIC_STR
             assert not any(c in value for c in b"\r\n\x00"), value
             assert value == value.strip(), value  # no leading/trailing whitespace (§8.2.1)
             if text == "te":
@@ -105,10 +106,8 @@ def test_credentials_are_never_indexed() -> None:
 
 
 def test_only_the_worker_role_skips_outbound_checks() -> None:
-    worker = TunnelProtocol("server")
-    proxy = TunnelProtocol("client")
-    assert not worker.validate_outbound and not worker.h2.validate_outbound
-    assert proxy.validate_outbound and proxy.h2.validate_outbound
+    assert not core_config("server", TunnelOptions()).validate_outbound
+    assert core_config("client", TunnelOptions()).validate_outbound
     # Inbound checks have no switch: every RFC 9113 check runs in both roles.
 
 

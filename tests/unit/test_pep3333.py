@@ -568,19 +568,19 @@ def test_header_key_cache_gives_the_same_environ_every_time() -> None:
 
 
 def test_header_key_cache_is_bounded() -> None:
-    from rhttp_wsgi import wsgi
+    from rhttp_wsgi import _http, wsgi
 
     ctx = wsgi.WSGIContext(lambda e, s: [])
     base = [(b":method", b"GET"), (b":scheme", b"https"), (b":path", b"/")]
-    for i in range(wsgi._HTTP_KEYS_MAX + 50):
+    for i in range(_http.HTTP_KEYS_MAX + 50):
         name = f"x-bound-{i}".encode()
         env = wsgi.build_environ(_fake_channel([*base, (name, b"v")]), ctx)
         assert env[f"HTTP_X_BOUND_{i}"] == "v"  # right even once the cache is full
-    assert len(wsgi._HTTP_KEYS) <= wsgi._HTTP_KEYS_MAX
+    assert len(_http._HTTP_KEYS) <= _http.HTTP_KEYS_MAX
     for i in range(0, 600, 7):  # host split cache: bounded too, and right past the bound
         env = wsgi.build_environ(_fake_channel([*base, (b"host", f"h{i}:{i}".encode())]), ctx)
         assert (env["SERVER_NAME"], env["SERVER_PORT"]) == (f"h{i}", str(i))
-    assert len(wsgi._HOSTS) <= wsgi._HOSTS_MAX
+    assert len(_http.HOST_SPLITS) <= _http.HOSTS_MAX
 
 
 @pytest.mark.parametrize(("host", "scheme", "name", "port"), [

@@ -34,10 +34,10 @@ from hyperframe.frame import (
     WindowUpdateFrame,
 )
 
-from rhttp_wsgi._protocol import PREFACE, ProtocolSettings
+from rhttp_wsgi._protocol import PREFACE
 from rhttp_wsgi._tunnel import HIGH_WATER
 from rhttp_wsgi.errors import StreamReset, TunnelClosed
-from tests.unit.peer import DEFAULT_TIMEOUT, S
+from tests.unit.peer import DEFAULT_TIMEOUT, S, worker_options
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -110,7 +110,7 @@ def test_first_bytes_are_client_preface_then_settings(make_worker: Any) -> None:
 
 
 def test_settings_advertise_max_concurrent_streams(make_worker: Any) -> None:
-    h = make_worker(echo_app, settings=ProtocolSettings(max_concurrent_streams=7, max_header_list_size=1 << 20))
+    h = make_worker(echo_app, options=worker_options(max_concurrent_streams=7, max_header_list_size=1 << 20))
     ws = h.peer.worker_settings
     assert ws[S.MAX_CONCURRENT_STREAMS] == 7
     assert ws[S.MAX_HEADER_LIST_SIZE] == 1 << 20
@@ -142,7 +142,7 @@ def test_first_frame_not_settings_is_protocol_error(make_worker: Any, first: str
 
 def test_peer_never_sends_settings_times_out(make_worker: Any) -> None:
     t0 = time.monotonic()
-    h = make_worker(echo_app, handshake=False, settings_timeout=0.3)
+    h = make_worker(echo_app, handshake=False, options=worker_options(handshake_timeout=0.3))
     goaway = h.peer.wait_goaway(timeout=5)
     assert goaway.error_code == ErrorCodes.SETTINGS_TIMEOUT
     h.wait_closed()
@@ -403,7 +403,7 @@ def test_request_trailers(make_worker: Any) -> None:
 
 
 def test_window_update_returned_as_app_reads_not_on_receipt(make_worker: Any) -> None:
-    window = 16384
+    window = 65535  # the smallest the options allow (RFC 9113's initial window)
     release = threading.Event()
     got: dict[str, Any] = {}
 
@@ -414,12 +414,12 @@ def test_window_update_returned_as_app_reads_not_on_receipt(make_worker: Any) ->
         start_response("200 OK", [("Content-Type", "text/plain")])
         return [str(len(data)).encode()]
 
-    h = make_worker(app, settings=ProtocolSettings(initial_window_size=window))
+    h = make_worker(app, options=worker_options(initial_window_size=window))
     p = h.peer
     assert p.worker_settings[S.INITIAL_WINDOW_SIZE] == window
     body = os.urandom(5 * window + 123)
     p.request(1, "POST", "/", end_stream=False)
-    p.send_data(1, body[:window])  # exactly the stream window
+    p.send_body(1, body[:window], end_stream=False)  # exactly the stream window
     idx = p.barrier()
     # received, not consumed: no credit for the stream yet
     assert not p.find(is_wu(1), end=idx)
@@ -436,7 +436,7 @@ def test_window_update_returned_as_app_reads_not_on_receipt(make_worker: Any) ->
 
 def test_window_update_waits_for_a_slow_reader(make_worker: Any) -> None:
     """Credit follows wsgi.input reads chunk by chunk."""
-    window = 4096
+    window = 65535  # the smallest the options allow (RFC 9113's initial window)
     step = threading.Semaphore(0)
     read_sizes: list[int] = []
 
@@ -453,17 +453,17 @@ def test_window_update_waits_for_a_slow_reader(make_worker: Any) -> None:
         start_response("200 OK", [("Content-Type", "text/plain")])
         return [str(total).encode()]
 
-    h = make_worker(app, settings=ProtocolSettings(initial_window_size=window))
+    h = make_worker(app, options=worker_options(initial_window_size=window))
     p = h.peer
     p.request(1, "POST", "/", end_stream=False)
-    p.send_data(1, b"a" * window)
+    p.send_body(1, b"a" * window, end_stream=False)
     for i in range(3):
         idx = p.barrier()
         assert p.send_stream_window[1] == 0, "credit before the app read"
         assert not p.find(is_wu(1), start=idx)
         step.release()  # the app reads one window's worth
         p.wait_for(is_wu(1), start=idx)
-        p.send_data(1, b"b" * window, end_stream=(i == 2))
+        p.send_body(1, b"b" * window, end_stream=(i == 2))
     for _ in range(3):
         step.release()
     r = p.response(1)
@@ -472,8 +472,8 @@ def test_window_update_waits_for_a_slow_reader(make_worker: Any) -> None:
 
 def test_padding_is_credited(make_worker: Any) -> None:
     """Padding counts against the window (RFC 9113 §6.1) and must be given back too."""
-    window = 4096
-    h = make_worker(echo_app, settings=ProtocolSettings(initial_window_size=window))
+    window = 65535  # the smallest the options allow (RFC 9113's initial window)
+    h = make_worker(echo_app, options=worker_options(initial_window_size=window))
     body = os.urandom(20 * window)
     h.peer.request(1, "POST", "/", end_stream=False)
     h.peer.send_body(1, body, pad=200)
@@ -600,7 +600,7 @@ def test_ping_answered_with_ack(make_worker: Any) -> None:
 
 
 def test_ping_liveness_timeout(make_worker: Any) -> None:
-    h = make_worker(echo_app, settings=ProtocolSettings(ping_interval=0.2, ping_timeout=0.2),
+    h = make_worker(echo_app, options=worker_options(ping_interval=0.2, ping_timeout=0.2),
                     auto_ack_ping=False)
     t0 = time.monotonic()
     ping = h.peer.wait_for(lambda f: isinstance(f, PingFrame) and "ACK" not in f.flags, timeout=2)
@@ -613,7 +613,7 @@ def test_ping_liveness_timeout(make_worker: Any) -> None:
 
 
 def test_ping_ack_keeps_tunnel_alive(make_worker: Any) -> None:
-    h = make_worker(echo_app, settings=ProtocolSettings(ping_interval=0.2, ping_timeout=0.2),
+    h = make_worker(echo_app, options=worker_options(ping_interval=0.2, ping_timeout=0.2),
                     auto_ack_ping=True)
     h.peer.wait_until(
         lambda: len([f for f in h.peer.frames if isinstance(f, PingFrame) and "ACK" not in f.flags]) >= 5,
@@ -761,7 +761,7 @@ def test_refused_stream_beyond_max_concurrent_keeps_hpack_in_sync(make_worker: A
         start_response("200 OK", [("Content-Type", "text/plain")])
         return [f"{environ.get('HTTP_X_TOKEN')}|{environ.get('HTTP_X_NEW')}".encode()]
 
-    h = make_worker(app, settings=ProtocolSettings(max_concurrent_streams=2), threads=4)
+    h = make_worker(app, options=worker_options(max_concurrent_streams=2), threads=4)
     p = h.peer
     assert p.worker_settings[S.MAX_CONCURRENT_STREAMS] == 2
     p.request(1, "GET", "/block")
@@ -1016,12 +1016,16 @@ def test_client_role_retires_a_tunnel_whose_stream_ids_are_exhausted() -> None:
 
     from rhttp_wsgi._protocol import TunnelProtocol
     from rhttp_wsgi._tunnel import Tunnel
+    from rhttp_wsgi.options import TunnelOptions
 
     a, b = _socket.socketpair()
     try:
-        t = Tunnel(a, None, TunnelProtocol("client"), name="exhausted")
+        options = TunnelOptions()
+        t = Tunnel(a, None, TunnelProtocol("client", options), options, name="exhausted")
         t.proto.initiate(0.0)
-        t.proto.h2.highest_outbound_stream_id = 2**31 - 1
+        # the last stream id there is, opened the regular way: no id is left after it
+        t.proto.send_headers(2**31 - 1, [(b":method", b"GET"), (b":scheme", b"https"), (b":path", b"/"),
+                                         (b":authority", b"x")], end_stream=True)
         with pytest.raises(TunnelClosed, match="stream ids exhausted"):
             t.open_stream([(b":method", b"GET"), (b":scheme", b"https"), (b":path", b"/"),
                            (b":authority", b"x")], end_stream=True)

@@ -1,0 +1,97 @@
+"""The proxy's side of a tunnel (``Tunnel`` in the client role) against a hand-driven worker.
+
+The worker end is h2's ``H2Connection`` (server side, which can send 1xx
+responses; our worker core never does) on the other half of a socketpair, so a
+test sends exactly the responses it wants.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+
+import h2.config
+import h2.connection
+import h2.events
+import pytest
+
+from rhttp_wsgi._protocol import PREFACE, TunnelProtocol
+from rhttp_wsgi._tunnel import Tunnel
+from rhttp_wsgi.options import TunnelOptions
+
+pytestmark = pytest.mark.timeout(30)
+
+WAIT = 5.0
+REQUEST = [(b":method", b"GET"), (b":scheme", b"https"), (b":path", b"/"), (b":authority", b"x")]
+
+
+class HandWorker:
+    """h2's server side on a socket, driven by the test thread (a worker dials, so it sends the preface)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.proto = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        self.proto.receive_data(PREFACE)  # (the proxy side sends none; h2's server expects it)
+        self.proto.initiate_connection()
+        self.sock.sendall(PREFACE + self.proto.data_to_send())
+
+    def flush(self) -> None:
+        data = self.proto.data_to_send()
+        if data:
+            self.sock.sendall(data)
+
+    def wait_request(self) -> int:
+        self.sock.settimeout(WAIT)
+        while True:
+            data = self.sock.recv(65536)
+            assert data, "the proxy side closed the tunnel"
+            events = self.proto.receive_data(data)
+            self.flush()
+            for ev in events:
+                if isinstance(ev, h2.events.RequestReceived):
+                    return int(ev.stream_id)
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[Tunnel, HandWorker]]:
+    a, b = socket.socketpair()
+    options = TunnelOptions()
+    tunnel = Tunnel(a, None, TunnelProtocol("client", options), options, name="proxy-side")
+    thread = threading.Thread(target=tunnel.run, name="proxy-side", daemon=True)
+    thread.start()
+    worker = HandWorker(b)
+    assert tunnel.ready.wait(WAIT)
+    try:
+        yield tunnel, worker
+    finally:
+        tunnel.close("test teardown")
+        thread.join(WAIT)
+        b.close()
+
+
+def test_only_the_latest_103_early_hints_is_kept(pair: tuple[Tunnel, HandWorker]) -> None:
+    """A worker that sends 1xx after 1xx grows nothing on the proxy: one header list at most."""
+    tunnel, w = pair
+    ch = tunnel.open_stream(REQUEST, end_stream=True)
+    sid = w.wait_request()
+    for i in range(200):
+        w.proto.send_headers(sid, [(b":status", b"103"), (b"link", f"</{i}.css>; rel=preload".encode())])
+        w.proto.send_headers(sid, [(b":status", b"100")])
+    w.proto.send_headers(sid, [(b":status", b"200"), (b"content-length", b"0")], end_stream=True)
+    w.flush()
+    assert ch.wait_response(WAIT)[0] == (b":status", b"200")
+    assert ch.early_hints == [(b":status", b"103"), (b"link", b"</199.css>; rel=preload")]
+
+
+def test_wait_response_can_return_early_hints_before_the_final_response(pair: tuple[Tunnel, HandWorker]) -> None:
+    tunnel, w = pair
+    ch = tunnel.open_stream(REQUEST, end_stream=True)
+    sid = w.wait_request()
+    w.proto.send_headers(sid, [(b":status", b"103"), (b"link", b"</a.css>; rel=preload")])
+    w.flush()
+    assert ch.wait_response(WAIT, early_hints=True) == [(b":status", b"103"), (b"link", b"</a.css>; rel=preload")]
+    assert ch.early_hints is None  # taken
+    w.proto.send_headers(sid, [(b":status", b"204")], end_stream=True)
+    w.flush()
+    assert ch.wait_response(WAIT, early_hints=True) == [(b":status", b"204")]
