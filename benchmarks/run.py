@@ -3,12 +3,15 @@
     python benchmarks/run.py            # the full run (~12 minutes on 2 cores)
     python benchmarks/run.py --quick    # a ~2 minute subset
     python benchmarks/run.py --only hello,micro --json out.json
+    python benchmarks/run.py --only hello --loads hello-c64 --systems proxy,proxy-nolog   # access log cost
 
 Systems (each a set of subprocesses with its own throwaway PKI and free loopback ports):
 
 * ``gunicorn``  — baseline: ``gunicorn -k gthread --threads T`` serving ``benchmarks.apps:app``
   directly over HTTP/1.1 (one worker process);
 * ``proxy``     — our ``rhttp-wsgi proxy`` (turnkey HTTP/1.1 server) → tunnel → ``rhttp-wsgi worker``;
+  its access log is on (the default), one line per request to its log file;
+* ``proxy-nolog`` — the same with ``--no-access-log`` (only with ``--systems``): the access log's cost;
 * ``haproxy``   — HAProxy 3.x (``rhttp@``, when installed) → tunnel → ``rhttp-wsgi worker``,
   loaded over HTTP/1.1 and, as ``haproxy-h2c``, over cleartext HTTP/2.
 
@@ -265,15 +268,21 @@ class Lab:
 
     def start_proxy(self, tag: str, threads: int, mcs: int, connections: int = 1,
                     profile: Path | None = None, profile_front: Path | None = None,
-                    tree: tuple[str, Path] | None = None) -> System:
+                    tree: tuple[str, Path] | None = None, access_log: bool = True) -> System:
         root = tree[1] if tree else ROOT
         suffix = f"[{tree[0]}]" if tree else ""
+        if not access_log:
+            # (the proxy's access log is on by default and writes a line per request to its log
+            # file, --log-level or not: this variant measures what that costs)
+            suffix += "-nolog"
         tport, pport = free_ports(2)
-        p = Proc(f"proxy{tag}", [*_cli(profile_front, "proxy"), "--log-level", "warning", "proxy",
+        p = Proc(f"proxy{tag}{suffix}", [*_cli(profile_front, "proxy"), "--log-level", "warning", "proxy",
                                  "--tunnel-bind", f"127.0.0.1:{tport}", "--public-bind", f"127.0.0.1:{pport}",
                                  "--cert", str(self.pki.server_cert), "--key", str(self.pki.server_key),
                                  "--workers-ca", str(self.pki.ca_cert), "--max-connections", "4000",
-                                 "--max-concurrent-streams", str(mcs)], CPU_FRONT, self.logs, root=root).start()
+                                 "--max-concurrent-streams", str(mcs),
+                                 *([] if access_log else ["--no-access-log"])],
+                 CPU_FRONT, self.logs, root=root).start()
         _wait_port(tport, [p])
         w = self.worker(f"worker-proxy{tag}{suffix}", tport, threads=threads, mcs=mcs, connections=connections,
                         profile=profile, root=root).start()
@@ -635,7 +644,7 @@ def _ratio(v: float, base: float) -> str:
 def report(samples: list[Sample], loads: list[Load], extra: dict[str, Any], meta: dict[str, Any]) -> str:
     summ = summarize(samples)
     names = {s.system for s in samples}
-    order = ["gunicorn", "proxy", *sorted(n for n in names if n.startswith("proxy[")), "haproxy",
+    order = ["gunicorn", "proxy", "proxy-nolog", *sorted(n for n in names if n.startswith("proxy[")), "haproxy",
              *sorted(n for n in names if n.startswith("haproxy[")), "haproxy-h2c"]
     parts = [f"rhttp-wsgi benchmark — {meta['when']} — {meta['mode']} run, median of {meta['reps']}"
              f" (spread = ±half the max-min range, % of median)",
@@ -761,6 +770,11 @@ def targets(samples: list[Sample], extra: dict[str, Any]) -> list[list[str]]:
             if v is not None:
                 rows.append([f"{system} req/s vs gunicorn ({load})", f">= {goal:.1f}x", f"{v / g:.2f}x",
                              ok(v / g >= goal)])
+    for load in ("hello-c16", "hello-c64"):
+        on, off = get(load, "proxy", "rps"), get(load, "proxy-nolog", "rps")
+        if on and off:
+            rows.append([f"access log on vs off, our proxy req/s ({load})", ">= 0.90x", f"{on / off:.2f}x",
+                         ok(on / off >= 0.90)])
     for system in ("proxy", "haproxy"):
         v, b = get("hello-c1", system, "p50"), get("hello-c1", "gunicorn", "p50")
         if v is not None and b is not None:
@@ -983,6 +997,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--haproxy", default=None, help=f"HAProxy binary (default: HAPROXY_BIN, PATH, {HAPROXY_DEFAULT})")
     p.add_argument("--json", default=None, help="also write every sample and the summary to this file")
     p.add_argument("--keep", action="store_true", help="keep the scratch directory (logs, configs)")
+    p.add_argument("--systems", default="gunicorn,proxy,haproxy",
+                   help="comma list of the systems of the hello and bodies sections: gunicorn, proxy,"
+                        " proxy-nolog (our proxy with --no-access-log: the access log's cost), haproxy")
+    p.add_argument("--loads", default="", help="comma list of load keys to run (e.g. hello-c64); default all")
     p.add_argument("--tree", action="append", default=[], metavar="NAME=DIR",
                    help="also run proxy+worker and HAProxy+worker from another source tree (a copy of the repo,"
                         " e.g. before an optimisation) in the hello and bodies sections, as 'proxy[NAME]'")
@@ -999,6 +1017,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(os.sched_getaffinity(0)) < 2:
         log("warning: fewer than 2 CPUs available; placement is meaningless")
     sections = set(filter(None, args.only.split(","))) or set(SECTIONS)
+    only_loads = set(filter(None, args.loads.split(",")))
     if args.quick and not args.only:
         sections = {"hello", "bodies", "sse", "micro"}
     haproxy = None if args.no_haproxy else find_haproxy(args.haproxy)
@@ -1021,11 +1040,16 @@ def main(argv: list[str] | None = None) -> int:
             extra["micro"] = run_micro(args)
         if sections & {"hello", "bodies"}:
             systems: list[System] = []
+            wanted = set(filter(None, args.systems.split(",")))
             try:
-                log("starting gunicorn, proxy+worker, HAProxy+worker (throughput configuration)")
-                systems.append(lab.start_gunicorn("", args.threads))
-                systems.append(lab.start_proxy("", args.threads, 100))
-                hp = lab.start_haproxy("", args.threads, 100)
+                log(f"starting {', '.join(sorted(wanted))} (throughput configuration)")
+                if "gunicorn" in wanted:
+                    systems.append(lab.start_gunicorn("", args.threads))
+                if "proxy" in wanted:
+                    systems.append(lab.start_proxy("", args.threads, 100))
+                if "proxy-nolog" in wanted:
+                    systems.append(lab.start_proxy("", args.threads, 100, access_log=False))
+                hp = lab.start_haproxy("", args.threads, 100) if "haproxy" in wanted else None
                 if hp is not None:
                     systems.append(hp)
                 for tree in trees:  # the same systems from other source trees (before/after)
@@ -1034,11 +1058,11 @@ def main(argv: list[str] | None = None) -> int:
                     if hp is not None:
                         systems.append(hp)
                 if "hello" in sections:
-                    hl = hello_loads(args.quick)
+                    hl = [ld for ld in hello_loads(args.quick) if not only_loads or ld.key in only_loads]
                     loads += hl
                     interleaved(systems, hl, args.reps, tmp, samples, h2c_too=True)
                 if "bodies" in sections:
-                    bl = body_loads(args.quick, files)
+                    bl = [ld for ld in body_loads(args.quick, files) if not only_loads or ld.key in only_loads]
                     loads += bl
                     interleaved(systems, bl, args.reps, tmp, samples)
             finally:

@@ -303,7 +303,7 @@ class H2Core:
     ``highest_inbound_stream_id`` / ``highest_outbound_stream_id``,
     ``open_inbound_streams`` / ``open_outbound_streams``, the connection windows
     ``outbound_flow_control_window`` (what we may send) and ``inbound_window``
-    (what the peer may send), :attr:`draining` and :attr:`lingering_handlers`.
+    (what the peer may send), and :attr:`lingering_handlers`.
     """
 
     def __init__(self, config: H2Config) -> None:
@@ -364,11 +364,6 @@ class H2Core:
         self._valid_fields: set[tuple[bytes, bytes]] = set()
 
     # -- settings and start --------------------------------------------------------------
-
-    @property
-    def max_outbound_frame_size(self) -> int:
-        """The largest DATA payload the peer accepts (its SETTINGS_MAX_FRAME_SIZE)."""
-        return self.remote_settings.max_frame_size
 
     def initiate_connection(self, preamble: bytes = b"") -> None:
         """Queue ``preamble`` (raw bytes: the worker, which dials, writes the client preface
@@ -444,11 +439,6 @@ class H2Core:
         return _ConnectionError(message, code)
 
     # -- streams we serve or open -----------------------------------------------------------
-
-    @property
-    def draining(self) -> bool:
-        """Set by :meth:`stop_new_streams`: new peer streams get REFUSED_STREAM."""
-        return self._draining
 
     def stop_new_streams(self) -> None:
         """Refuse (REFUSED_STREAM) every stream the peer opens from now on (after our GOAWAY)."""
@@ -738,7 +728,7 @@ class H2Core:
                 # half-closed (remote): a stream error (§5.1)
                 events.append(self._stream_error(st, ErrorCodes.STREAM_CLOSED))
                 return
-            self._on_closed_stream_frame(sid, "DATA", events)
+            self._on_closed_stream_frame(sid, "DATA")
             return
         if not st.got_headers:
             # DATA before the message's HEADERS (client role: before the response)
@@ -776,7 +766,7 @@ class H2Core:
             raise self._fail(ErrorCodes.PROTOCOL_ERROR, f"{what} padding beyond the payload")
         return payload[1:len(payload) - pad]
 
-    def _on_closed_stream_frame(self, sid: int, what: str, events: list[ev.Event]) -> None:
+    def _on_closed_stream_frame(self, sid: int, what: str) -> None:
         """A frame that needs an open stream (DATA, HEADERS) arrived on a stream that is not open."""
         how = self._closed.get(sid)
         if how == _RESET_SENT:
@@ -847,7 +837,7 @@ class H2Core:
             return self.decoder.decode(block)
         except OversizedHeaderListError as e:
             raise self._fail(ErrorCodes.ENHANCE_YOUR_CALM, f"header list too large: {e}") from e
-        except (HPACKError, IndexError, TypeError, UnicodeDecodeError, ValueError) as e:
+        except HPACKError as e:  # the only errors _hpack.Decoder raises
             raise self._fail(ErrorCodes.COMPRESSION_ERROR, f"HPACK: {e}") from e
 
     def _header_block(self, sid: int, flags: int, block: bytes, events: list[ev.Event]) -> None:
@@ -863,7 +853,7 @@ class H2Core:
             if not peer_opens and sid not in self._closed and not self._forgotten_closed(sid):
                 # The worker may open no stream (no push); a client never receives a request.
                 raise self._fail(ErrorCodes.PROTOCOL_ERROR, f"HEADERS on stream {sid} the peer may not open")
-            self._on_closed_stream_frame(sid, "HEADERS", events)
+            self._on_closed_stream_frame(sid, "HEADERS")
             return
         headers = self._decode(block)
         if not st.recv_open:

@@ -164,11 +164,10 @@ class TunnelProtocol:
     :attr:`drain_acked`.
 
     Streams: :meth:`open_stream` (client role), :meth:`reset_stream`,
-    :attr:`max_outbound_frame_size`, :attr:`lingering_handlers`, the counts
-    :meth:`open_inbound_streams`, :meth:`open_outbound_streams`,
-    :meth:`peer_max_concurrent_streams`, :meth:`peer_max_header_list_size`, and
-    these, bound straight to the core's methods (the per-frame calls cost no
-    extra layer):
+    :attr:`max_outbound_frame_size`, :attr:`lingering_handlers`,
+    :meth:`open_inbound_streams`, :meth:`peer_max_concurrent_streams`,
+    :meth:`peer_max_header_list_size`, and these, bound straight to the core's
+    methods (the per-frame calls cost no extra layer):
 
     * ``send_headers(stream_id, headers, end_stream=False)``: a response, trailers
       (``end_stream`` required), or more of a request opened by :meth:`open_stream`;
@@ -383,10 +382,6 @@ class TunnelProtocol:
     def open_inbound_streams(self) -> int:
         """Streams the peer opened that are not closed yet."""
         return self.core.open_inbound_streams
-
-    def open_outbound_streams(self) -> int:
-        """Streams we opened that are not closed yet."""
-        return self.core.open_outbound_streams
 
     def peer_max_concurrent_streams(self) -> int:
         """The peer's SETTINGS_MAX_CONCURRENT_STREAMS (2^32+1 until it sends one)."""

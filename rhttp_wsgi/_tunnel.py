@@ -54,9 +54,10 @@ Rules that keep it safe:
   lock, so a notify never races a state change.
 * Object access goes through methods: a ``Channel`` changes the tunnel's state
   by calling ``Tunnel`` methods (``_credit_locked``, ``_schedule_locked``,
-  ``_retire_locked``), and the tunnel changes a channel's buffers by calling
-  ``Channel`` methods.  The tunnel owns the channels' lifecycle flags
-  (``_retired``, ``_handler``) because it keeps the registry they describe.
+  ``_kick_locked``, ``_retire_locked``, ``_set_deadline_locked``), and the
+  tunnel changes a channel's buffers by calling ``Channel`` methods.  The
+  tunnel owns the channels' lifecycle flags (``_retired``, ``_handler``)
+  because it keeps the registry they describe.
 """
 
 from __future__ import annotations
@@ -570,13 +571,11 @@ class Tunnel:
         on_ready: Callable[[Tunnel], None] | None = None,
         on_goaway: Callable[[Tunnel, h2.events.ConnectionTerminated], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
-        peer: Any = None,
     ) -> None:
         self.sock = sock
         self.tls = tls
         self.proto = proto
         self.name = name
-        self.peer = peer
         self.streams = streams
         self.lock = threading.Lock()
         self._wake = threading.Condition(self.lock)
@@ -605,7 +604,6 @@ class Tunnel:
         self.close_reason: str | None = None
         self.closed = threading.Event()
         self.ready = threading.Event()
-        self.peer_goaway: h2.events.ConnectionTerminated | None = None
         self._writer: threading.Thread | None = None
         self.streams_total = 0
         self.streams_refused = 0
@@ -894,7 +892,6 @@ class Tunnel:
             self._kick_locked()  # notify, not just flag: see WindowUpdated above
 
     def _peer_goaway_locked(self, ev: h2.events.ConnectionTerminated) -> None:
-        self.peer_goaway = ev
         self.proto.stop_new_streams()
         self._draining = True
         log.info("%s: peer sent GOAWAY (last stream %s, %s)", self.name, ev.last_stream_id,
@@ -1070,6 +1067,11 @@ class Tunnel:
             elif not self.proto.goaway_sent:
                 self.proto.goaway(ErrorCodes.NO_ERROR)
             self._close_locked(reason)
+
+    @property
+    def peer_goaway(self) -> h2.events.ConnectionTerminated | None:
+        """The peer's GOAWAY, once received (the protocol's ``goaway_received``)."""
+        return self.proto.goaway_received
 
     @property
     def in_flight(self) -> int:

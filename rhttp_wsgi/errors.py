@@ -38,6 +38,8 @@ class ConfigError(RHTTPError, ValueError):
     def __init__(self, option: str, message: str) -> None:
         super().__init__(f"{option}: {message}")
         self.option = option
+        #: The text after the option's name: the CLI prints it after the option's flag instead.
+        self.message = message
 
 
 class MTLSRequiredError(ConfigError):
@@ -49,7 +51,17 @@ class MTLSRequiredError(ConfigError):
 
 
 class TLSSetupError(RHTTPError):
-    """The TLS handshake failed or the peer could not be verified."""
+    """The TLS handshake failed or the peer could not be verified.
+
+    ``retryable`` is False when dialling again cannot succeed until someone
+    changes a certificate, a key or a CA file (an untrusted certificate, a name
+    mismatch, a rejected client certificate): the worker still retries, with
+    backoff, but logs it at ERROR.
+    """
+
+    def __init__(self, message: str, *, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.retryable = retryable
 
 
 class ALPNError(TLSSetupError):

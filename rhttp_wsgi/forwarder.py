@@ -12,8 +12,9 @@ Per request, on the server's thread:
    The other fields come from the environ's ``HTTP_*`` keys as a neutral list
    of (name, value) bytes (:func:`request_fields`); hop-by-hop ones and every
    token named in ``Connection`` are dropped (``TE: trailers`` is kept),
-   ``X-Forwarded-For/-Proto/-Host`` are set, and a CR, LF or NUL in any value
-   is a 400 before anything is encoded.
+   ``X-Forwarded-For/-Proto/-Host`` are set, ``X-Request-ID`` is the request
+   id (ours, or the client's with ``trust_request_id``: ``environ["rhttp.request_id"]``),
+   and a CR, LF or NUL in any value is a 400 before anything is encoded.
 2. A worker is reserved (:mod:`rhttp_wsgi.balancing` picks; a full worker is
    never given another stream; a request may wait ``stream_wait`` for one).
 3. The body streams up in chunks; :meth:`Channel.write` blocks while the
@@ -26,6 +27,9 @@ Per request, on the server's thread:
    server (also through middleware that leaves it as it is).  Otherwise the
    body streams down chunk by chunk as DATA frames arrive, so server-sent
    events work.
+
+Each request, answered or failed, is one access line (:mod:`rhttp_wsgi.accesslog`, option
+``access_log``), written when the server is done with the response.
 
 Failures: 503 (+ ``Retry-After``) when no worker is attached or selectable
 (after waiting up to ``attach_wait`` for one to attach, when that is set);
@@ -69,6 +73,7 @@ from ._http import (
     valid_value,
 )
 from ._tunnel import Channel
+from .accesslog import AccessLog, AccessRecord, new_request_id, request_id
 from .errors import (
     BadGateway,
     GatewayTimeout,
@@ -98,8 +103,9 @@ IDEMPOTENT_RETRY = frozenset({"GET", "HEAD", "OPTIONS"})
 _FORWARDING = frozenset({b"forwarded", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
                          b"x-forwarded-port", b"x-forwarded-prefix", b"x-real-ip"})
 #: Dropped besides HOP_BY_HOP: Host becomes :authority; Expect is answered at
-#: the public edge; HTTP2-Settings belongs to h2c upgrades.
-_DROP = HOP_BY_HOP | frozenset({b"host", b"expect", b"http2-settings"})
+#: the public edge; HTTP2-Settings belongs to h2c upgrades; X-Request-ID is
+#: replaced by the id the forwarder chose (``environ["rhttp.request_id"]``).
+_DROP = HOP_BY_HOP | frozenset({b"host", b"expect", b"http2-settings", b"x-request-id"})
 #: RFC 3986 pchar plus "/" and "%": what may stay unescaped in :path.
 _PATH_SAFE = "/:@!$&'()*+,;=-._~"
 _BAD_TARGET = re.compile(r"[ \r\n\x00\t#]")
@@ -120,7 +126,6 @@ class _ClientBodyError(Exception):
 
     def __init__(self, cause: BaseException) -> None:
         super().__init__(str(cause))
-        self.cause = cause
         status = getattr(cause, "status", 400)
         self.status = status if isinstance(status, int) and 400 <= status < 500 else 400
 
@@ -136,28 +141,46 @@ class Forwarder:
     def __init__(self, registry: Registry, options: ProxyOptions) -> None:
         self.registry = registry
         self.options = options
+        #: None when the access log is off (options.access_log): then nothing is measured.
+        self.access = AccessLog.from_options(options, "proxy")
+        self._trust_request_id = options.trust_request_id
+
+    def close(self) -> None:
+        """Write the access lines still waiting and stop the access log's writer (Proxy.shutdown)."""
+        if self.access is not None:
+            self.access.close()
 
     # -- WSGI entry (server thread) ------------------------------------------------
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        # The request id: the client's only when trusted (and valid), else ours.  build_request
+        # sends it to the worker as x-request-id; both access lines show it.
+        environ["rhttp.request_id"] = (request_id(environ.get("HTTP_X_REQUEST_ID")) if self._trust_request_id
+                                       else new_request_id())
+        access = self.access
+        return self._respond(environ, start_response, access.start(environ) if access is not None else None)
+
+    def _respond(self, environ: dict[str, Any], start_response: StartResponse,
+                 rec: AccessRecord | None) -> Iterable[bytes]:
         try:
             method, headers, length = build_request(environ, self.options)
         except BadRequest as e:
             log.info("%s %s: %d %s", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"), e.status, e)
-            return _error(start_response, e.status, str(e))
+            return _error(start_response, e.status, str(e), rec=rec)
         try:
-            return self._forward(environ, start_response, method, headers, length)
+            return self._forward(environ, start_response, method, headers, length, rec)
         except UpstreamError as e:
             level = logging.INFO if isinstance(e, (NoWorkerAvailable, _ClientGone)) else logging.WARNING
             log.log(level, "%s %s: %d %s", method, environ.get("PATH_INFO"), e.status, e)
             extra = [("Retry-After", str(self.options.retry_after))] if e.status == 503 else []
-            return _error(start_response, e.status, str(e), extra)
+            return _error(start_response, e.status, str(e), extra, rec=rec)
         except _ClientBodyError as e:
             log.info("%s %s: request body failed: %s", method, environ.get("PATH_INFO"), e)
-            return _error(start_response, e.status, f"could not read the request body: {e}")
+            return _error(start_response, e.status, f"could not read the request body: {e}", rec=rec)
 
     def _forward(self, environ: dict[str, Any], start_response: StartResponse, method: str,
-                 headers: list[tuple[bytes, bytes]], length: int | None) -> Iterable[bytes]:
+                 headers: list[tuple[bytes, bytes]], length: int | None,
+                 rec: AccessRecord | None = None) -> Iterable[bytes]:
         body = environ.get("wsgi.input")
         gone = environ.get("rhttp.client_disconnected")
         client_gone: Callable[[], bool] | None = gone if callable(gone) else None
@@ -188,6 +211,8 @@ class Forwarder:
                                      " no other worker to retry on") from e
                 raise
             tunnel = worker.tunnel
+            if rec is not None:
+                rec.peer = worker
             limit = tunnel.proto.peer_max_header_list_size()
             if limit is not None and head_size > limit:
                 self.registry.release(worker)
@@ -195,7 +220,7 @@ class Forwarder:
                                     f" ({limit})", status=431)
             try:
                 ch = tunnel.open_stream(headers, end_stream=not has_body)
-            except (TunnelClosed, RHTTPError) as e:
+            except RHTTPError as e:  # TunnelClosed, or StreamReset when the worker's limit was lowered
                 # Nothing went out: safe to try elsewhere whatever the method.
                 self.registry.release(worker)
                 tried.append(worker)
@@ -211,7 +236,10 @@ class Forwarder:
                 _finish(ch)
                 self.registry.release(worker)
                 if retryable and len(tried) < MAX_RETRIES and _refused(e, ch):
-                    log.info("worker %s refused %s %s (%s); retrying on another worker", worker.id, method,
+                    # Refused (REFUSED_STREAM, or above its GOAWAY: a draining worker) or lost
+                    # with its tunnel (a dying worker): either way it processed nothing.
+                    what = "refused" if isinstance(e, StreamReset) else "lost its tunnel before answering"
+                    log.info("worker %s %s %s %s (%s); retrying on another worker", worker.id, what, method,
                              environ.get("PATH_INFO"), e)
                     tried.append(worker)
                     failure = e
@@ -251,8 +279,14 @@ class Forwarder:
             out_headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in fields]
             result = CompleteResponse(code, status, tuple(out_headers), block, data)
             start_response(status, out_headers)
+            if rec is not None:
+                rec.status, rec.response_headers = code, fields
+                rec.sent = 0 if method == "HEAD" else len(data)
+                result.on_close = rec.finish  # the line is written once the server is done with it
             return result
-        body_iter = _ResponseBody(self.registry, worker, ch, client_gone)
+        if rec is not None:
+            rec.status, rec.response_headers = code, fields
+        body_iter = _ResponseBody(self.registry, worker, ch, client_gone, rec)
         try:
             start_response(f"{code} {reason_phrase(code)}",
                            [(k.decode("latin-1"), v.decode("latin-1")) for k, v in fields])
@@ -351,12 +385,14 @@ class _ResponseBody:
     """The response body iterable: one item per DATA chunk, as it arrives."""
 
     def __init__(self, registry: Registry, worker: WorkerInfo, ch: Channel,
-                 client_gone: Callable[[], bool] | None) -> None:
+                 client_gone: Callable[[], bool] | None, rec: AccessRecord | None = None) -> None:
         self._registry = registry
         self._worker = worker
         self._ch = ch
         self._client_gone = client_gone
         self._done = False
+        #: The access-log record (None: off), counted per chunk and written when the body ends.
+        self._rec = rec
 
     def __iter__(self) -> Iterator[bytes]:
         return self
@@ -379,6 +415,8 @@ class _ResponseBody:
                 raise BadGateway(f"worker {self._worker.id} failed mid-response ({e});"
                                  " the response is truncated") from e
             if data:
+                if self._rec is not None:
+                    self._rec.sent += len(data)
                 return data
             self._release(cancel=False)
             raise StopIteration
@@ -390,6 +428,8 @@ class _ResponseBody:
         if cancel or not self._ch.finished:
             _finish(self._ch)
         self._registry.release(self._worker)
+        if self._rec is not None:
+            self._rec.finish()
 
     def close(self) -> None:
         """Called by the server; early means the client went away: CANCEL the stream."""
@@ -520,6 +560,8 @@ def build_request(environ: Mapping[str, Any], options: ProxyOptions
     from :func:`request_fields`; hop-by-hop ones (and every token named in
     ``Connection``) are dropped, ``TE: trailers`` is kept, and the
     ``X-Forwarded-*`` set is ours (or the trusted client's, with our hop appended).
+    A client's ``X-Request-ID`` is dropped; ``environ["rhttp.request_id"]``, when
+    set, goes as ``x-request-id``.
     """
     method = str(environ.get("REQUEST_METHOD", "GET"))
     if method not in _METHODS:
@@ -577,6 +619,9 @@ def build_request(environ: Mapping[str, Any], options: ProxyOptions
         headers.append((b"x-forwarded-proto", scheme.encode("ascii", "replace")))
     if not client_host:
         headers.append((b"x-forwarded-host", authority))
+    rid = environ.get("rhttp.request_id")
+    if rid:
+        headers.append((b"x-request-id", _encode(str(rid), "the request id")))
     return method, headers, length
 
 
@@ -638,7 +683,7 @@ def _status_code(status_b: bytes | None) -> int:
 
 
 def _error(start_response: StartResponse, status: int, message: str,
-           extra: list[tuple[str, str]] | None = None) -> list[bytes]:
+           extra: list[tuple[str, str]] | None = None, *, rec: AccessRecord | None = None) -> list[bytes]:
     reason = reason_phrase(status)
     body = f"{status} {reason}: {message}\n".encode("utf-8", "replace")
     headers = [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body))),
@@ -646,4 +691,7 @@ def _error(start_response: StartResponse, status: int, message: str,
     if extra:
         headers += extra
     start_response(f"{status} {reason}", headers)
+    if rec is not None:
+        rec.status, rec.sent = status, len(body)
+        rec.finish()
     return [body]

@@ -36,10 +36,16 @@ too, it is applied before they are read).  gunicorn settings that apply:
 * ``-b``: gunicorn binds its listening socket anyway, and nothing accepts on it.
   Bind it somewhere harmless, e.g. ``-b 127.0.0.1:0``.
 
-Not applicable: gunicorn's access log, ``pre_request`` / ``post_request``
-hooks and request-parsing limits (requests do not pass through gunicorn's HTTP
-parser; the proxy enforces limits).  Our ``rhttp_wsgi`` log messages go to
-gunicorn's error log unless logging was configured otherwise.
+* ``--access-logfile``: turns the worker's access log on (unless
+  ``RHTTP_ACCESS_LOG=0``) and receives its lines (format
+  ``RHTTP_ACCESS_LOG_FORMAT``, not gunicorn's ``--access-logformat``: the atoms
+  are gunicorn's plus the request id and the tunnel).  Without it,
+  ``RHTTP_ACCESS_LOG=1`` sends them to the error log.
+
+Not applicable: ``pre_request`` / ``post_request`` hooks and request-parsing
+limits (requests do not pass through gunicorn's HTTP parser; the proxy enforces
+limits).  Our ``rhttp_wsgi`` log messages go to gunicorn's error log unless
+logging was configured otherwise.
 
 Lifecycle.
 
@@ -87,6 +93,7 @@ from typing import Any, ClassVar, NoReturn
 
 from gunicorn.workers.base import Worker  # type: ignore[import-untyped,import-not-found,unused-ignore]
 
+from .accesslog import LOGGER as ACCESS_LOGGER
 from .errors import RHTTPError
 from .options import WorkerOptions, options_from_environ
 from .worker import WorkerPool
@@ -238,14 +245,19 @@ def _pid_alive(pid: int) -> bool:
 
 def build_options(app: Callable[..., Any] | None, *, gunicorn_threads: int = 1,
                   graceful_timeout: float | None = None,
-                  environ: Mapping[str, str] | None = None) -> WorkerOptions:
+                  environ: Mapping[str, str] | None = None,
+                  gunicorn_access_log: bool = False) -> WorkerOptions:
     """The pool's options: the ``RHTTP_*`` variables, then gunicorn's settings.
 
     gunicorn's ``--threads`` is the app thread pool size when ``RHTTP_THREADS``
     is unset and it is > 1; its ``--graceful-timeout`` is the drain budget,
-    which ``RHTTP_SHUTDOWN_TIMEOUT`` may only shorten.
+    which ``RHTTP_SHUTDOWN_TIMEOUT`` may only shorten; its ``--access-logfile``
+    (``gunicorn_access_log``) turns the worker's access log on unless
+    ``RHTTP_ACCESS_LOG`` says otherwise.
     """
     values = options_from_environ(WorkerOptions, environ)
+    if gunicorn_access_log and "access_log" not in values:
+        values["access_log"] = True
     if "threads" not in values and gunicorn_threads > 1:
         values["threads"] = gunicorn_threads
     if graceful_timeout is not None:
@@ -279,12 +291,20 @@ class RHTTPWorker(Worker):  # type: ignore[misc]  # gunicorn ships no type infor
         super().init_process()  # ... load_wsgi(), then run()
 
     def _route_logging(self) -> None:
-        """Send ``rhttp_wsgi`` records to gunicorn's error log, unless logging is configured."""
+        """Send ``rhttp_wsgi`` records to gunicorn's error log, and our access lines to its access
+        log when it has one (``--access-logfile``), unless logging is configured."""
         ours = logging.getLogger("rhttp_wsgi")
         error_log = getattr(self.log, "error_log", None)
         configured = [h for h in ours.handlers if not isinstance(h, logging.NullHandler)]
         if configured or logging.getLogger().handlers or not isinstance(error_log, logging.Logger):
             return
+        access_log = getattr(self.log, "access_log", None)
+        if isinstance(access_log, logging.Logger) and access_log.handlers:
+            ours_access = logging.getLogger(ACCESS_LOGGER)
+            for handler in access_log.handlers:
+                ours_access.addHandler(handler)
+            ours_access.setLevel(logging.INFO)
+            ours_access.propagate = False
         for handler in error_log.handlers:
             ours.addHandler(handler)
         ours.setLevel(error_log.level)
@@ -297,7 +317,8 @@ class RHTTPWorker(Worker):  # type: ignore[misc]  # gunicorn ships no type infor
         # crash loop.
         try:
             options = build_options(None, gunicorn_threads=self.cfg.threads,
-                                    graceful_timeout=float(self.cfg.graceful_timeout))
+                                    graceful_timeout=float(self.cfg.graceful_timeout),
+                                    gunicorn_access_log=bool(self.cfg.accesslog))
             options.check_files()
         except RHTTPError as e:
             self._boot_error(e)

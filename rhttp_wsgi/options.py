@@ -25,9 +25,11 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from .accesslog import FORMAT_HELP, check_format
 from .errors import ConfigError, MTLSRequiredError
 
 __all__ = [
+    "REQUIRED_OPTIONS",
     "OptionKind",
     "ProxyOptions",
     "TunnelOptions",
@@ -55,12 +57,15 @@ def _opt(
     maximum: float | None = None,
     choices: tuple[str, ...] | None = None,
     metavar: str | None = None,
+    essential: int | None = None,
 ) -> Any:
     """An option: a field with help text, and bounds (for numbers) or choices (for strings) if any.
 
-    For a list option, the bounds and choices apply to each element.
+    For a list option, the bounds and choices apply to each element.  ``essential``: the option is
+    one of the few every deployment sets; ``--help`` lists those first, in this order.
     """
-    meta = {"help": help, "minimum": minimum, "maximum": maximum, "choices": choices, "metavar": metavar}
+    meta = {"help": help, "minimum": minimum, "maximum": maximum, "choices": choices, "metavar": metavar,
+            "essential": essential}
     return field(default=default, metadata=meta)
 
 
@@ -261,10 +266,11 @@ class TunnelOptions:
     cert: str | None = _opt(
         None,
         "Certificate (PEM) this side presents on the tunnel: the worker's client certificate, the proxy's"
-        " server certificate. Required.",
+        " server certificate.",
         metavar="FILE",
+        essential=3,
     )
-    key: str | None = _opt(None, "Private key (PEM) of that certificate. Required.", metavar="FILE")
+    key: str | None = _opt(None, "Private key (PEM) of that certificate.", metavar="FILE", essential=4)
     max_concurrent_streams: int = _opt(
         100,
         "SETTINGS_MAX_CONCURRENT_STREAMS advertised per tunnel; streams beyond it get REFUSED_STREAM.",
@@ -337,31 +343,41 @@ class TunnelOptions:
     metrics_bind: str | None = _opt(
         None, "Serve Prometheus /metrics on HOST:PORT (needs the 'prometheus' extra).", metavar="HOST:PORT"
     )
+    access_log_format: str = _opt("combined", FORMAT_HELP, metavar="FORMAT")
 
     def __post_init__(self) -> None:
         """The checks every options class shares; subclasses run theirs around it."""
         _validate_fields(self)
         if self.metrics_bind is not None:
             parse_address(self.metrics_bind, option="metrics_bind")
+        try:
+            check_format(self.access_log_format)
+        except ValueError as e:
+            raise ConfigError("access_log_format", str(e)) from None
 
 
 @dataclass(frozen=True)
 class WorkerOptions(TunnelOptions):
     """Settings of a worker pool (the side that dials out and serves the app)."""
 
-    proxy: str = _opt(None, "Address of the reverse-HTTP proxy's tunnel port, HOST:PORT.", metavar="HOST:PORT")
+    proxy: str = _opt(None, "Address of the reverse-HTTP proxy's tunnel port, HOST:PORT.", metavar="HOST:PORT",
+                      essential=1)
     ca: str | None = _opt(
-        None, "CA bundle (PEM) that signed the proxy's certificate; system roots when unset.", metavar="FILE"
+        None, "CA bundle (PEM) that signed the proxy's certificate; system roots when unset.", metavar="FILE",
+        essential=5,
     )
     server_name: str | None = _opt(
         None,
         "TLS server name to send (SNI) and verify; derived from the proxy host when unset"
         " (no SNI for IP literals, whose certificate must then carry the IP).",
         metavar="NAME",
+        essential=6,
     )
-    connections: int = _opt(1, "Number of tunnels to keep open to the proxy.", minimum=1, maximum=1024)
+    connections: int = _opt(1, "Number of tunnels to keep open to the proxy.", minimum=1, maximum=1024,
+                            essential=7)
     threads: int = _opt(
-        16, "Size of the thread pool that runs the WSGI app (shared by all tunnels).", minimum=1, maximum=10000
+        16, "Size of the thread pool that runs the WSGI app (shared by all tunnels).", minimum=1, maximum=10000,
+        essential=8,
     )
     max_header_count: int = _opt(
         100,
@@ -411,6 +427,27 @@ class WorkerOptions(TunnelOptions):
         " (:scheme), or a fixed 'http' / 'https'.",
         choices=URL_SCHEME_POLICIES,
     )
+    forwarded_for: bool = _opt(
+        True,
+        "Set REMOTE_ADDR from the proxy's X-Forwarded-For (its last entry; our proxy and HAProxy's `option"
+        " forwardfor` write it) and REMOTE_PORT to '' (the client's port is not known; never the tunnel's)."
+        " The proxy is authenticated by mTLS, so what it says is trusted. Off: REMOTE_ADDR is the proxy's"
+        " address. Do not also apply werkzeug's ProxyFix(x_for=...) (docs/deployment.md).",
+    )
+    forwarded_for_hops: int = _opt(
+        0,
+        "With forwarded_for: how many more proxies in front of the tunnel's proxy append to X-Forwarded-For"
+        " and are trusted (ProxyFix's x_for minus 1): REMOTE_ADDR is the (1+N)-th entry from the right, or"
+        " the proxy's address when there are fewer entries.",
+        minimum=0,
+        maximum=64,
+    )
+    access_log: bool = _opt(
+        False,
+        "Log one line per request the app served (logger rhttp_wsgi.access, INFO; format access_log_format)"
+        " with the real client address and the proxy's request id. The CLI writes the lines bare on"
+        " stderr, whatever the log level.",
+    )
     #: Not an option (no help: no flag, no variable): the WSGI app, given from Python.
     app: Callable[..., Any] | None = None
 
@@ -431,10 +468,14 @@ class WorkerOptions(TunnelOptions):
             raise ConfigError("server_name", f"invalid server name {self.server_name!r}")
 
     def check_files(self) -> None:
-        """Check that the certificate, key and CA files exist and are readable."""
+        """Check that the certificate, key and CA files exist and are readable, and our certificate
+        and key themselves (:func:`rhttp_wsgi.certcheck.check_identity`)."""
         _check_file("cert", self.cert)
         _check_file("key", self.key)
         _check_file("ca", self.ca)
+        from .certcheck import check_identity  # cryptography: not loaded by `import rhttp_wsgi`
+
+        check_identity(self.cert or "", self.key or "", role="client")
 
     @property
     def proxy_host(self) -> str:
@@ -462,10 +503,14 @@ class WorkerOptions(TunnelOptions):
 class ProxyOptions(TunnelOptions):
     """Settings of the proxy (tunnel listener + public forwarder)."""
 
-    tunnel_bind: str = _opt("0.0.0.0:8443", "Where workers' tunnels are accepted, HOST:PORT.", metavar="HOST:PORT")
-    public_bind: str = _opt("0.0.0.0:8080", "Where public HTTP/1.1 clients connect, HOST:PORT.", metavar="HOST:PORT")
+    tunnel_bind: str = _opt("0.0.0.0:8443", "Where workers' tunnels are accepted, HOST:PORT.", metavar="HOST:PORT",
+                            essential=1)
+    public_bind: str = _opt("0.0.0.0:8080", "Where public HTTP/1.1 clients connect, HOST:PORT.", metavar="HOST:PORT",
+                            essential=2)
     workers_ca: str | None = _opt(
-        None, "CA bundle that signed the workers' client certificates. Required (mTLS).", metavar="FILE"
+        None, "CA bundle that signed the workers' client certificates (mTLS: every worker presents one).",
+        metavar="FILE",
+        essential=5,
     )
     public_cert: str | None = _opt(None, "Certificate for TLS on the public port (optional).", metavar="FILE")
     public_key: str | None = _opt(None, "Key for TLS on the public port.", metavar="FILE")
@@ -497,6 +542,17 @@ class ProxyOptions(TunnelOptions):
     trust_forwarded: bool = _opt(
         False, "Keep client-supplied X-Forwarded-* headers (only behind a trusted front proxy)."
     )
+    access_log: bool = _opt(
+        True,
+        "Log one line per public request (logger rhttp_wsgi.access, INFO; format access_log_format): client,"
+        " request, status, bytes, duration, request id and the worker (CN, tunnel). The CLI writes the lines"
+        " bare on stderr, whatever the log level.",
+    )
+    trust_request_id: bool = _opt(
+        False,
+        "Keep a client's X-Request-ID (1-200 visible ASCII characters; else a new id) instead of always"
+        " making one; only behind a front proxy that sets it. The id goes to the worker as x-request-id.",
+    )
     header_timeout: float = _opt(
         15.0, "Turnkey server: seconds a client has to send its request head.", minimum=0.01
     )
@@ -514,6 +570,13 @@ class ProxyOptions(TunnelOptions):
     max_connections: int = _opt(
         1000, "Turnkey server: most concurrent public connections (one thread each; 0 = unlimited).", minimum=0
     )
+    admin_bind: str | None = _opt(
+        None,
+        "Serve the health and inventory endpoints on HOST:PORT: /healthz (200 ready, 503 not), /workers"
+        " (JSON) and /status (an HTML page that refreshes itself). No extra needed. The same address as"
+        " metrics_bind serves /metrics there too. Keep it private (127.0.0.1 or an internal network).",
+        metavar="HOST:PORT",
+    )
 
     def __post_init__(self) -> None:
         if self.cert is None or self.key is None:
@@ -524,6 +587,8 @@ class ProxyOptions(TunnelOptions):
             )
         parse_address(self.tunnel_bind, option="tunnel_bind")
         parse_address(self.public_bind, option="public_bind")
+        if self.admin_bind is not None:
+            parse_address(self.admin_bind, option="admin_bind")
         if (self.public_cert is None) != (self.public_key is None):
             raise ConfigError("public_cert", "public_cert and public_key go together")
         super().__post_init__()
@@ -536,6 +601,12 @@ class ProxyOptions(TunnelOptions):
     def check_files(self) -> None:
         for name in ("cert", "key", "workers_ca", "public_cert", "public_key"):
             _check_file(name, getattr(self, name))
+        from .certcheck import check_identity  # cryptography: not loaded by `import rhttp_wsgi`
+
+        check_identity(self.cert or "", self.key or "", role="server")
+        if self.public_cert is not None and self.public_key is not None:
+            check_identity(self.public_cert, self.public_key, role="server", cert_option="public_cert",
+                           key_option="public_key")
 
 
 #: The sections of ``docs/settings.md``: each options class and its title.
@@ -544,7 +615,7 @@ _REFERENCE_SECTIONS: tuple[tuple[type, str], ...] = (
     (ProxyOptions, "Proxy (`rhttp-wsgi proxy`, `Proxy`)"),
 )
 #: Options without a default that the constructor requires (it says why when one is missing).
-_REQUIRED = frozenset({"proxy", "cert", "key", "workers_ca"})
+REQUIRED_OPTIONS = frozenset({"proxy", "cert", "key", "workers_ca"})
 
 
 def settings_reference(sections: Sequence[tuple[type, str]] = _REFERENCE_SECTIONS) -> str:
@@ -561,7 +632,7 @@ def settings_reference(sections: Sequence[tuple[type, str]] = _REFERENCE_SECTION
         for f in option_fields(cls):
             many = option_kind(cls, f.name).many
             if f.default is None:
-                default = "required" if f.name in _REQUIRED else "unset"
+                default = "required" if f.name in REQUIRED_OPTIONS else "unset"
             else:
                 default = "none" if f.default == () else repr(f.default)
             flag = f"`{flag_name(f.name)}`" + (" (repeatable)" if many else "")

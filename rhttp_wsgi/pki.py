@@ -629,6 +629,35 @@ def _check_reusable(ca: CertificateAuthority, cert_path: Path, key_path: Path) -
     return _common_name(certificate) or cert_path.stem
 
 
+def _requested_names(name: str, sans: Sequence[str] | None) -> list[str]:
+    """The names :meth:`CertificateAuthority.issue_client` (``sans`` None) or ``issue_server`` would put in."""
+    if sans is None:
+        return [f"CN:{name}"] + ([f"DNS:{name}"] if _is_hostname(name) else [])
+    out = [f"CN:{name}"]
+    for value in sans or (name,):
+        general = parse_san(value)
+        text = f"IP:{general.value}" if isinstance(general, x509.IPAddress) else f"DNS:{general.value}"
+        if text not in out:
+            out.append(text)
+    return out
+
+
+def _warn_if_names_differ(cert_path: Path, name: str, sans: Sequence[str] | None) -> None:
+    """A reused certificate keeps its names: say so when they are not the ones asked for now."""
+    certificate = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    has = [f"CN:{_common_name(certificate)}"]
+    try:
+        ext = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        has += [f"DNS:{v}" for v in ext.get_values_for_type(x509.DNSName)]
+        has += [f"IP:{v}" for v in ext.get_values_for_type(x509.IPAddress)]
+    except x509.ExtensionNotFound:
+        pass
+    wanted = _requested_names(name, sans)
+    if sorted(has) != sorted(wanted):
+        logger.warning("reusing %s, which names %s, not the requested %s: pass --overwrite to re-issue it",
+                       cert_path, ", ".join(has), ", ".join(wanted))
+
+
 def issue_to_files(
     ca: CertificateAuthority,
     directory: Path,
@@ -662,6 +691,7 @@ def issue_to_files(
         if cert_exists and key_exists:
             common_name = _check_reusable(ca, cert_path, key_path)
             logger.info("reusing %s certificate %s", kind, cert_path)
+            _warn_if_names_differ(cert_path, name, sans if kind == "server" else None)
             return Issued(cert_path, key_path, common_name, created=False, kind=kind)
         if cert_exists or key_exists:
             present = cert_path if cert_exists else key_path
@@ -699,7 +729,8 @@ def generate_certs(
     gets *server_sans* (or its own name if *server_sans* is empty).  All names
     are validated before anything is written.  *overwrite* reissues leaf
     certificates; the CA is always reused if present.  A summary (see
-    :func:`summarize`) is logged at INFO level.
+    :func:`summarize`) is logged at DEBUG level.  A reused certificate whose
+    names differ from the ones requested now is reported at WARNING.
     """
     directory = Path(directory)
     worker_names = _as_str_tuple(workers, what="workers")
@@ -734,7 +765,8 @@ def generate_certs(
         issued.append(
             issue_to_files(ca, directory, server, kind="server", sans=sans, overwrite=overwrite)
         )
-    logger.info("%s", summarize(issued, ca_created, directory))
+    # DEBUG: the CLI prints the summary itself, once, on stdout.
+    logger.debug("%s", summarize(issued, ca_created, directory))
     return issued
 
 

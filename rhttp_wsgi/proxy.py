@@ -51,6 +51,7 @@ from types import TracebackType
 from typing import Any
 
 from h2.errors import ErrorCodes
+from OpenSSL import SSL
 
 from ._protocol import TunnelProtocol
 from ._tunnel import Tunnel
@@ -61,7 +62,7 @@ from .options import ProxyOptions, parse_address
 from .public import PublicServer
 from .registry import WorkerInfo, WorkerRegistry
 from .server import ThreadedTCPServer
-from .tls import TLSSession, server_context
+from .tls import TLSSession, public_context, reload_context, server_context
 
 __all__ = ["Proxy", "WorkerInfo"]
 
@@ -107,12 +108,16 @@ class Proxy:
             raise TypeError("pass either options= or keyword options, not both")
         options.check_files()
         self.options = options
-        self._tls_ctx = server_context(options.cert or "", options.key or "", options.workers_ca or "")
+        # Both replaced whole by reload_certificates(); see there for who reads them when.
+        self._tls_ctx, self._public_ctx = self._build_contexts()
+        self._reload_lock = threading.Lock()
         self.selector: Selector = resolve_selector(selector if selector is not None else options.selector)
         self.on_attach = on_attach
         self.on_detach = on_detach
         self._registry = WorkerRegistry(self.selector, options.stream_wait, options.attach_wait)
-        self.wsgi_app: WSGIApp = Forwarder(self._registry, options)
+        #: The forwarder itself (``wsgi_app`` may be wrapped, e.g. by metrics): closed by shutdown().
+        self._forwarder = Forwarder(self._registry, options)
+        self.wsgi_app: WSGIApp = self._forwarder
         self._lock = threading.Lock()
         self._seq = itertools.count(1)
         self._listeners: list[ThreadedTCPServer] = []
@@ -182,13 +187,17 @@ class Proxy:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:  # pragma: no cover
                 pass
+            # self._tls_ctx read once: a reload swaps the reference, this handshake keeps the one it got
             session = TLSSession(self._tls_ctx, server_side=True)
             session.handshake(sock, o.handshake_timeout)
             cert = session.peer_certificate()
             if cert is None:  # pragma: no cover - VERIFY_FAIL_IF_NO_PEER_CERT prevents it
                 raise TLSSetupError("no client certificate")
         except (TLSSetupError, OSError) as e:
-            log.info("tunnel from %s rejected: %s", _fmt_addr(addr), e)
+            # ERROR when a certificate was refused (a worker or this proxy is misconfigured and
+            # will fail the same way until a file changes); INFO for scanners, plain HTTP, timeouts.
+            level = logging.ERROR if isinstance(e, TLSSetupError) and not e.retryable else logging.INFO
+            log.log(level, "tunnel from %s rejected: %s", _fmt_addr(addr), e)
             return
         finally:
             with self._lock:
@@ -199,7 +208,6 @@ class Proxy:
             sock, session, TunnelProtocol("client", o), o,
             name=f"worker-{worker.id}",
             on_ready=lambda t: self._events.put(("attach", worker)),
-            peer=worker,
         )
         worker.tunnel = tunnel
         with self._lock:
@@ -266,21 +274,67 @@ class Proxy:
             if self._closed:
                 raise RuntimeError("the proxy was shut down")
         host, port = parse_address(addr or o.public_bind, option="public_bind")
-        ctx = None
-        if o.public_cert is not None and o.public_key is not None:
-            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-            ctx.load_cert_chain(o.public_cert, o.public_key)
-            ctx.set_alpn_protocols(["http/1.1"])
-        server = PublicServer(self.wsgi_app, (host, port), options=o, ssl_context=ctx)
+        # (the forwarder's access log: the requests the server refuses itself get their lines there)
+        server = PublicServer(self.wsgi_app, (host, port), options=o, ssl_context=self._public_ctx,
+                              access_log=self._forwarder.access)
         with self._lock:
             closed = self._closed
             if not closed:
+                # a reload that ran since the read above: give this server the newest context
+                server.ssl_context = self._public_ctx
                 self._publics.append(server)
         if closed:
             server.shutdown(0)
             raise RuntimeError("the proxy was shut down")
         return server.start()
+
+    # -- certificates --------------------------------------------------------------------
+
+    def _build_contexts(self) -> tuple[SSL.Context, ssl.SSLContext | None]:
+        o = self.options
+        tunnel = server_context(o.cert or "", o.key or "", o.workers_ca or "")
+        public = None
+        if o.public_cert is not None and o.public_key is not None:
+            public = public_context(o.public_cert, o.public_key)
+        return tunnel, public
+
+    def reload_certificates(self) -> bool:
+        """Re-read ``cert``, ``key``, ``workers_ca`` (and ``public_cert``/``public_key``) from their files.
+
+        Handshakes that start afterwards, on the tunnel port and on the public
+        HTTPS port, use the new files; tunnels already attached, public
+        connections already open and every request in flight keep the sessions
+        they negotiated.  All or nothing: when any file cannot be used (missing,
+        unparsable, a key that does not match its certificate) nothing changes,
+        one ERROR line names the file, and False is returned.  The new files
+        pass the checks of a start (:meth:`ProxyOptions.check_files`): an
+        expired certificate or one meant for clients is refused here too.
+
+        Thread safety: callable from any thread (SIGHUP runs it on the main
+        thread).  The new contexts are built whole, off to the side, then
+        swapped in by plain reference stores: a tunnel handshake reads
+        ``_tls_ctx`` once when it creates its session, a public connection
+        reads its server's ``ssl_context`` once when it wraps its socket, so
+        each handshake sees one complete context, old or new.  The public
+        servers' references are swapped under ``_lock``, the lock
+        :meth:`start_public` registers a new server under, so a server started
+        during a reload also ends with the new context.  Concurrent reloads are
+        serialised by ``_reload_lock``.
+        """
+
+        def install(built: tuple[SSL.Context, ssl.SSLContext | None]) -> None:
+            self._tls_ctx, public = built
+            with self._lock:
+                self._public_ctx = public
+                for p in self._publics:
+                    p.ssl_context = public
+
+        def build() -> tuple[SSL.Context, ssl.SSLContext | None]:
+            self.options.check_files()  # the startup checks (expiry, key usage, key match), on the new files
+            return self._build_contexts()
+
+        with self._reload_lock:
+            return reload_context(build, install, what="proxy", certs=(self.options.cert, self.options.public_cert))
 
     # -- introspection ---------------------------------------------------------------------
 
@@ -291,6 +345,12 @@ class Proxy:
     def wait_for_workers(self, n: int = 1, timeout: float | None = None) -> bool:
         """Block until at least ``n`` workers are attached (selectable); False on timeout."""
         return self._registry.wait_for(n, timeout)
+
+    @property
+    def shutting_down(self) -> bool:
+        """True once :meth:`shutdown` has begun (and after): no new tunnels or connections, workers drained."""
+        with self._lock:
+            return self._closed
 
     @property
     def tunnel_addresses(self) -> list[tuple[str, int]]:
@@ -384,6 +444,7 @@ class Proxy:
             lifecycle.join(_FORCE_GRACE)
         for th in threads:
             th.join(_FORCE_GRACE)
+        self._forwarder.close()  # the last access lines
         self._shutdown_ok = ok
         self._shutdown_done.set()
         log.info("proxy stopped (%s)", "drained" if ok else "deadline reached")

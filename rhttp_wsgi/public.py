@@ -42,6 +42,15 @@ for the forwarder's needs:
   front-end can ever frame a request differently from this server (RFC 9112
   §5.2, §6.1, §6.3).  Bare LF line endings are accepted, as h11 (and RFC 9112
   §2.2) allow, and parsed consistently.
+* Access lines for the requests this server refuses itself (``access_log``, the
+  proxy's :class:`~rhttp_wsgi.accesslog.AccessLog`; None: none): a malformed or
+  oversized head (400, 431), a head that stalled after its first bytes (408), a
+  ``Content-Length`` over ``max_request_body`` (413), CONNECT (405) and a
+  target the environ cannot carry (400) never reach the app, so this server
+  writes their line (what was parsed, else ``-``; a fresh request id; no
+  worker).  A request that reached the app is the app's to log (the forwarder
+  logs its own answers, the body errors it reads included); a connection that
+  closes without a request (an idle keep-alive one) is not a request.
 
 Threads: one listener thread and one thread per connection
 (:class:`~rhttp_wsgi.server.ThreadedTCPServer`).  Nothing is shared between
@@ -75,7 +84,8 @@ from ._http import (
     valid_name,
 )
 from ._io import body_wait, peer_closed
-from .errors import UpstreamError
+from .accesslog import AccessLog, new_request_id, request_id
+from .errors import RHTTPError, UpstreamError
 from .options import ProxyOptions
 from .server import ThreadedTCPServer
 
@@ -102,6 +112,8 @@ _OBS_FOLD = re.compile(rb"\n[ \t]")
 _CONTENT_LENGTH_LINE = re.compile(rb"(?im)^content-length[ \t]*:([^\r\n]*)")
 #: reason-phrase = *( HTAB / SP / VCHAR / obs-text ) (RFC 9112 §4)
 _REASON = re.compile(rb"[\t \x21-\x7e\x80-\xff]*")
+#: A request line as sent, for the access line of a head h11 refused: method, target, protocol.
+_REQUEST_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+) ([\x21-\x7e]+) (HTTP/\d\.\d)\r?\n")
 #: Response header names (as apps spell them) known to be tokens, mapped to their
 #: lowercase bytes; never a framing header.  Bounded (apps could generate names).
 _TOKEN_NAMES: dict[str, bytes] = {}
@@ -128,7 +140,9 @@ class PublicServer:
     requests finish within the timeout, then closes every connection.  The
     limits come from ``options`` (``header_timeout``, ``idle_timeout``,
     ``body_timeout``, ``body_min_rate``, ``max_request_head``,
-    ``max_request_body``, ``max_connections``).
+    ``max_request_body``, ``max_connections``).  ``access_log`` (None: off)
+    gets a line for each request this server refuses before the app (see the
+    module doc).
     """
 
     def __init__(
@@ -140,8 +154,11 @@ class PublicServer:
         sock: socket.socket | None = None,
         ssl_context: ssl.SSLContext | None = None,
         name: str = "rhttp-public",
+        access_log: AccessLog | None = None,
     ) -> None:
         self.app = app
+        self.access_log = access_log
+        self.trust_request_id = options.trust_request_id
         self.ssl_context = ssl_context
         self.header_timeout = options.header_timeout
         self.idle_timeout = options.idle_timeout
@@ -211,9 +228,6 @@ class PublicServer:
         for c in conns:
             c.abort()
 
-    def threads(self) -> list[threading.Thread]:
-        return self._server.threads()
-
     # -- connection thread ------------------------------------------------------
 
     def _handle(self, sock: socket.socket, addr: Any) -> None:
@@ -268,6 +282,8 @@ class _Connection:
         #: The response went out without h11 (in one write): h11's side of the
         #: cycle is stale and the next cycle starts on a fresh h11.Connection.
         self.bypassed = False
+        #: time.monotonic() when the current request's head began (its access line's start).
+        self.head_start = 0.0
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:  # pragma: no cover
@@ -286,7 +302,7 @@ class _Connection:
                 # SSLSocket owns the descriptor.
                 self.sock = self.raw = tls
                 tls.do_handshake()
-            except (OSError, ssl.SSLError) as e:
+            except OSError as e:  # ssl.SSLError included
                 log.debug("%s: TLS handshake with %s failed: %s", s.name, self.addr, e)
                 return
         while not self.closed:
@@ -420,7 +436,8 @@ class _Connection:
         # A fresh connection has header_timeout to send its head; a kept-alive
         # one may idle for idle_timeout, then has header_timeout from the first byte.
         first_byte = self.requests == 0
-        deadline = time.monotonic() + (s.header_timeout if first_byte else s.idle_timeout)
+        start = time.monotonic()
+        deadline = start + (s.header_timeout if first_byte else s.idle_timeout)
         # The raw bytes of this head (starting with what a pipelining client
         # already sent), for the framing checks h11 cannot do after it merged
         # or unfolded header lines.  h11 caps the head at max_head.
@@ -436,20 +453,23 @@ class _Connection:
                 try:
                     ev = self.h11.next_event()
                 except h11.RemoteProtocolError as e:
-                    self._protocol_error(e)
+                    self.head_start = start
+                    self._protocol_error(e, bytes(head))
                     return None
             if ev is h11.NEED_DATA:
                 try:
                     data = self._recv(deadline - time.monotonic())
                 except TimeoutError:
                     if self.h11.trailing_data[0]:
-                        self._simple_error(408, "request head not received in time")
+                        self.head_start = start
+                        self._refused(408, "request head not received in time", head=bytes(head))
                     return None
                 except OSError:
                     return None
                 if data and not first_byte:
                     first_byte = True
-                    deadline = time.monotonic() + s.header_timeout
+                    start = time.monotonic()
+                    deadline = start + s.header_timeout
                 if len(head) <= s.max_head:
                     head += data
                 self.h11.receive_data(data)
@@ -457,11 +477,12 @@ class _Connection:
             if isinstance(ev, h11.Request):
                 items = _header_items(ev.headers)
                 self.request_headers = items
+                self.head_start = start
                 # h11 checks the size of an *incomplete* head only; a complete
                 # one that arrived in one read is measured here.
                 size = len(ev.method) + len(ev.target) + sum([len(k) + len(v) + 4 for k, v in items])
                 if size > s.max_head:
-                    self._simple_error(431, f"request head larger than {s.max_head} bytes")
+                    self._refused(431, f"request head larger than {s.max_head} bytes", ev)
                     return None
                 problem = _framing_problem(ev, items, bytes(head))
                 length = None
@@ -472,7 +493,7 @@ class _Connection:
                         problem = str(e)
                 if problem is not None:
                     log.info("%s: refused request from %s: %s (400)", s.name, self.addr, problem)
-                    self._simple_error(400, problem)
+                    self._refused(400, problem, ev)
                     return None
                 self.keep_alive = _keep_alive(ev, items)
                 self.request_length = length
@@ -481,12 +502,56 @@ class _Connection:
                 return ev
             return None  # ConnectionClosed, or a client that sent something else
 
-    def _protocol_error(self, e: h11.RemoteProtocolError) -> None:
+    def _protocol_error(self, e: h11.RemoteProtocolError, head: bytes) -> None:
         status = e.error_status_hint or 400
         log.info("%s: malformed request from %s: %s (%d)", self.server.name, self.addr, e, status)
-        self._simple_error(status, str(e))
+        self._refused(status, str(e), head=head)
 
-    def _simple_error(self, status: int, message: str) -> None:
+    def _refused(self, status: int, message: str, req: h11.Request | None = None, head: bytes = b"") -> None:
+        """Answer ``status`` to a request the app never saw, and write its access line (if the log is
+        on): what is known of the request (``req``, else the request line in ``head`` if it reads as
+        one), since ``head_start``."""
+        access = self.server.access_log
+        if access is None:
+            self._simple_error(status, message)
+            return
+        rec = access.start(self._refused_environ(req, head))
+        sent = self._simple_error(status, message)
+        if rec is not None:
+            ago = time.monotonic() - self.head_start
+            if 0.0 <= ago < 86400.0:
+                rec.t0 -= ago
+                rec.started -= ago
+            rec.status = status
+            rec.sent = sent
+            rec.finish()
+
+    def _refused_environ(self, req: h11.Request | None, head: bytes) -> dict[str, Any]:
+        """The environ of a refused request's access line (the error path only)."""
+        peer = self.addr if isinstance(self.addr, tuple) else None
+        env: dict[str, Any] = {"REMOTE_ADDR": str(peer[0]) if peer else "", "RAW_URI": "-"}
+        method = target = version = None
+        if req is not None:
+            method, target = req.method, req.target
+            version = b"HTTP/" + req.http_version
+            for name, value in self.request_headers:
+                key = "HTTP_" + name.decode("latin-1").upper().replace("-", "_")
+                text = value.decode("latin-1")
+                env[key] = env[key] + "," + text if key in env else text
+        else:
+            m = _REQUEST_LINE.match(head.lstrip(b"\r\n"))
+            if m is not None:
+                method, target, version = m.groups()
+        if method is not None and target is not None and version is not None:
+            env["REQUEST_METHOD"] = method.decode("latin-1")
+            env["RAW_URI"] = target.decode("latin-1")
+            env["SERVER_PROTOCOL"] = version.decode("latin-1")
+        trusted = env.get("HTTP_X_REQUEST_ID") if self.server.trust_request_id else None
+        env["rhttp.request_id"] = request_id(trusted) if trusted is not None else new_request_id()
+        return env
+
+    def _simple_error(self, status: int, message: str) -> int:
+        """Answer ``status`` with a plain-text body and close; the body bytes written (0: failed)."""
         reason = reason_phrase(status)
         body = f"{status} {reason}: {message}\n".encode("utf-8", "replace")
         headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", b"%d" % len(body)),
@@ -495,7 +560,7 @@ class _Connection:
             if self.h11.our_state is h11.SEND_RESPONSE or self.h11.our_state is h11.IDLE:
                 self._send(h11.Response(status_code=status, headers=headers, reason=reason.encode()),
                            h11.Data(data=body), h11.EndOfMessage())
-                return
+                return len(body)
         except (h11.LocalProtocolError, _Closed):
             pass
         # h11 will not write after a protocol error in some states; the
@@ -507,7 +572,8 @@ class _Connection:
             self._timeout = 1.0
             self.sock.sendall(raw)
         except OSError:
-            pass
+            return 0
+        return len(body)
 
     # -- one request -------------------------------------------------------------------
 
@@ -515,17 +581,17 @@ class _Connection:
         """Run the app for one request; True to keep the connection."""
         s = self.server
         if req.method == b"CONNECT":
-            self._simple_error(405, "CONNECT is not supported")
+            self._refused(405, "CONNECT is not supported", req)
             return False
         if s.max_body:
             length = self.request_length
             if length is not None and length > s.max_body:
-                self._simple_error(413, f"request body larger than {s.max_body} bytes")
+                self._refused(413, f"request body larger than {s.max_body} bytes", req)
                 return False
         try:
             environ = self._environ(req)
         except BadRequest as e:
-            self._simple_error(e.status, str(e))
+            self._refused(e.status, str(e), req)
             return False
         resp = _Response(self, req.method == b"HEAD")
         result: Iterable[bytes] | None = None
@@ -547,8 +613,16 @@ class _Connection:
             method, target = req.method.decode("latin-1"), req.target.decode("latin-1")
             if resp.sent:
                 # Truncate visibly: no terminating chunk, connection closed.
-                log.warning("%s: response to %s %s failed after its headers were sent (%s: %s);"
-                            " closing the connection", s.name, method, target, type(e).__name__, e)
+                if self.client_gone():
+                    # Nobody to tell: a client leaving mid-response (an SSE tab closed) is routine.
+                    client = ":".join(map(str, self.addr[:2])) if isinstance(self.addr, tuple) else self.addr
+                    log.info("%s: client %s left during the response to %s %s; closing the connection",
+                             s.name, client, method, target)
+                else:
+                    # (an error of ours says what happened; another's name says where it came from)
+                    what = str(e) if isinstance(e, RHTTPError) else f"{type(e).__name__}: {e}"
+                    log.warning("%s: response to %s %s failed after its headers were sent (%s); the client gets"
+                                " a truncated response, closing the connection", s.name, method, target, what)
                 return False
             if isinstance(e, h11.LocalProtocolError):
                 # h11 refused to write the response (a header value HTTP/1.1

@@ -35,7 +35,8 @@ Environ = Mapping[str, Any]
 #: Picks the worker for a request among those that can take a stream now (see :mod:`rhttp_wsgi.balancing`).
 Selector = Callable[[Environ, Sequence["WorkerInfo"]], Union["WorkerInfo", None]]
 
-#: h2's "no limit" default is 2**32+1; treat anything above this as unlimited.
+#: The peer's MAX_CONCURRENT_STREAMS is 2**32+1 ("no limit", h2's sentinel) until it sends one;
+#: anything above this counts as unlimited.
 _UNLIMITED = 2**31 - 1
 
 _PENDING, _ATTACHED, _DETACHED, _SNAPSHOT = "pending", "attached", "detached", "snapshot"
@@ -61,6 +62,7 @@ class WorkerInfo:
     """
 
     __slots__ = (
+        "_draining",
         "_mcs",
         "_state",
         "attached_at",
@@ -90,6 +92,7 @@ class WorkerInfo:
         self.tunnel: Tunnel = tunnel  # type: ignore[assignment]  # set right after construction
         self._state = _PENDING  # -> attached -> detached (registry lock)
         self._mcs = 0
+        self._draining = False
         self.tls_version = tls_version
 
     @property
@@ -112,9 +115,9 @@ class WorkerInfo:
 
     @property
     def draining(self) -> bool:
-        """The tunnel is closing or got/sent GOAWAY: it takes no new requests."""
+        """The tunnel is closing or got/sent GOAWAY: it takes no new requests (a snapshot: it was then)."""
         if self._state == _SNAPSHOT or self.tunnel is None:
-            return False
+            return self._draining
         return not self.tunnel.accepting
 
     @property
@@ -127,6 +130,7 @@ class WorkerInfo:
             setattr(copy, name, getattr(self, name))
         copy.sans = list(self.sans)
         copy._mcs = self.max_concurrent_streams
+        copy._draining = self.draining
         copy._state = _SNAPSHOT
         return copy
 
@@ -142,6 +146,9 @@ class WorkerInfo:
             "attached_at": self.attached_at,
             "max_concurrent_streams": self.max_concurrent_streams,
             "serial": format(self.certificate.serial_number, "x"),
+            "not_after": self.certificate.not_valid_after_utc.isoformat(),
+            "draining": self.draining,
+            "tls_version": self.tls_version,
         }
 
     def __repr__(self) -> str:
@@ -194,6 +201,9 @@ class WorkerRegistry:
                     if attach_deadline is None:
                         attach_deadline = now + self.attach_wait
                     if now >= attach_deadline:
+                        if self.attached:  # attached, none selectable: each sent or got GOAWAY
+                            raise NoWorkerAvailable(f"every attached worker is draining ({len(self.attached)});"
+                                                    " none takes new requests")
                         raise NoWorkerAvailable("no worker is attached")
                     self.cond.wait(attach_deadline - now)
                     continue

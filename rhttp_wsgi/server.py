@@ -24,10 +24,10 @@ log = logging.getLogger("rhttp_wsgi.server")
 class ThreadedTCPServer(socketserver.TCPServer):
     """``socketserver.TCPServer`` with one tracked thread per connection.
 
-    Unlike ``ThreadingMixIn`` it joins its threads with a deadline
-    (:meth:`join_threads`) and can close connections it is told about.
     ``handler(sock, addr)`` runs on the connection thread; the socket is
-    closed when it returns.
+    closed when it returns.  At ``max_connections`` open connections (0: no
+    cap) a new one is handed to ``on_overload`` and closed.  :meth:`join_threads`
+    waits for the connection threads with a deadline.
     """
 
     allow_reuse_address = True

@@ -25,8 +25,11 @@ queued; ``ch.handler_done()`` when it returns).  The request limits
 (``request_timeout``, ``max_body_size``) apply to requests only: a CONNECT
 stream gets just the send stall, and its handler sets any other limit itself
 (``ch.set_deadline_locked``, ``ch.body_limit``, under ``ch.tunnel.lock``).
-(A peer sends extended CONNECT only once the worker advertised
-SETTINGS_ENABLE_CONNECT_PROTOCOL: that is the protocol core's part.)
+(A peer may send an extended CONNECT only once the worker advertised
+SETTINGS_ENABLE_CONNECT_PROTOCOL, and the core treats ``:protocol`` as malformed
+until then: that is ``H2Config.enable_connect_protocol``, which
+``_protocol.core_config`` leaves off today.  So a handler keyed by a
+``:protocol`` also needs that switch on; a plain CONNECT reaches the policy now.)
 
 The limits that answer with a status (the ``*_locked`` hooks, reader thread,
 tunnel lock held):
@@ -70,7 +73,7 @@ _NOT_SUPPORTED_HEADERS = [(b":status", b"501"), (b"content-type", b"text/plain; 
 
 def connect_not_supported(ch: Channel, ctx: WSGIContext) -> None:
     """The answer to a CONNECT nobody handles: 501, and the stream ends."""
-    log.info("stream %d: 501 CONNECT is not supported", ch.stream_id)
+    log.info("%s stream %d: 501 CONNECT is not supported", ch.tunnel.name, ch.stream_id)
     ch.respond(list(_NOT_SUPPORTED_HEADERS), _NOT_SUPPORTED)
 
 
@@ -163,9 +166,10 @@ class StreamPolicy:
             if ch.error is None:  # reset (or timed out) while it waited for a thread: skip it
                 handler(ch, self.ctx)
         except RHTTPError as e:  # the stream or the tunnel ended under the handler
-            log.debug("stream %d: gave up, %s", ch.stream_id, e)
+            log.debug("%s stream %d: gave up, %s", ch.tunnel.name, ch.stream_id, e)
         except Exception:
-            log.exception("stream %d: the stream handler failed; resetting the stream", ch.stream_id)
+            log.exception("%s stream %d: the stream handler failed; resetting the stream", ch.tunnel.name,
+                          ch.stream_id)
             ch.reset(ErrorCodes.INTERNAL_ERROR)
         finally:
             ch.handler_done()

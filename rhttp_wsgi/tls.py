@@ -12,21 +12,31 @@ lock held.
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
 import logging
+import os
+import re
 import socket
+import ssl
 import time
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple, TypeVar
 
 from cryptography import x509
 from OpenSSL import SSL, crypto
 
+from .certcheck import describe, names
 from .errors import ALPNError, ConfigError, TLSSetupError
 
 __all__ = [
     "TLSSession",
     "client_context",
+    "describe_certificate_file",
     "peer_common_name",
+    "public_context",
+    "reload_context",
     "server_context",
 ]
 
@@ -77,13 +87,17 @@ def _verify_callback(conn: SSL.Connection, cert: crypto.X509, errno: int, depth:
     if not isinstance(app, dict):
         return bool(ok)
     if not ok:
-        app.setdefault("verify_error", f"{crypto.X509StoreContextError.__name__} {errno} at depth {depth}:"
-                                        f" {_x509_error_string(errno)}")
+        # What the error line needs: the certificate that failed and, when
+        # OpenSSL already has it (client side), the leaf of the chain.
+        chain = conn.get_peer_cert_chain()
+        leaf = chain[0].to_cryptography() if chain else (cert.to_cryptography() if depth == 0 else None)
+        app.setdefault("verify", _VerifyFailure(errno, depth, cert.to_cryptography(), leaf))
         return False
     name = app.get("verify_name")
     if depth == 0 and name is not None:
-        if not _cert_matches(cert.to_cryptography(), name):
-            app.setdefault("verify_error", _mismatch(name))
+        leaf = cert.to_cryptography()
+        if not _cert_matches(leaf, name):
+            app.setdefault("mismatch", leaf)
             return False
         app["name_verified"] = True
     return True
@@ -124,9 +138,131 @@ def _x509_error_string(errno: int) -> str:
     return _X509_ERRORS.get(errno, "certificate verification error")
 
 
-def _mismatch(name: str) -> str:
+def _mismatch(name: str, cert: x509.Certificate | None) -> str:
     kind = "IP address" if _ip(name) is not None else "hostname"
-    return f"{kind} mismatch: the proxy's certificate does not match {name!r}"
+    if cert is None:
+        return f"{kind} mismatch: the proxy's certificate does not match {name!r}"
+    return (f"{kind} mismatch: the proxy's certificate ({describe(cert)}) names {', '.join(names(cert)) or 'nothing'},"
+            f" not {name!r}, the name we checked (--server-name, else the --proxy host): dial one of its names,"
+            f" or pass --server-name with one of them")
+
+
+class _VerifyFailure(NamedTuple):
+    """OpenSSL's verdict on the peer's chain, kept by the verify callback for the error line."""
+
+    errno: int
+    depth: int
+    cert: x509.Certificate  #: the certificate that failed
+    leaf: x509.Certificate | None  #: the peer's own certificate, when known
+
+
+@dataclass(frozen=True)
+class _Files:
+    """What a context was built from (its app data), for error lines that name the file and the flag."""
+
+    cert: str
+    ca: str | None  #: --ca (worker; None: the system roots) or --workers-ca (proxy)
+
+
+#: X509_V_ERR_* codes meaning "no trusted CA issued this chain".
+_UNTRUSTED = frozenset({2, 18, 19, 20, 21, 27})
+_NOT_YET_VALID, _EXPIRED, _PURPOSE = 9, 10, 26
+
+#: The TLS alerts a peer sends when it refuses the certificate we presented
+#: (OpenSSL's names, as in its "sslv3 alert bad certificate"), and what each means.
+_CERT_ALERTS = {
+    "unknown ca": "it does not trust the CA that issued it",
+    "bad certificate": "it could not verify it",
+    "certificate unknown": "it could not verify it",
+    "unsupported certificate": "it is not meant for this use (extended key usage)",
+    "certificate expired": "it has expired or is not valid yet",
+    "certificate revoked": "it is revoked",
+    "access denied": "its identity is not allowed",
+    "decrypt error": "a signature did not verify",
+    "certificate required": "it wants a certificate and got none",
+}
+_ALERT = re.compile(r"alert ([a-z ]+)$")
+
+
+def _own_validity(cert: x509.Certificate | None) -> str:
+    if cert is None:
+        return ""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    if now >= cert.not_valid_after_utc:
+        return f"; ours expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M UTC}"
+    if now < cert.not_valid_before_utc:
+        return f"; ours is not valid before {cert.not_valid_before_utc:%Y-%m-%d %H:%M UTC}"
+    return ""
+
+
+def _explain(reason: str, app: dict[str, Any], files: _Files | None, *, server_side: bool,
+             own: x509.Certificate | None, verify_name: str | None) -> tuple[str, bool]:
+    """Turn an OpenSSL failure into (what is wrong and what to do, retryable).
+
+    ``reason`` is OpenSSL's text; ``app`` what the verify callback kept.
+    Retrying does not help when a certificate is refused: someone must
+    change a file.  OpenSSL's own words stay at the end, in parentheses.
+    """
+    peer = "worker" if server_side else "proxy"
+    ca_flag = "--workers-ca" if server_side else "--ca"
+    failure: _VerifyFailure | None = app.get("verify")
+    if failure is not None:
+        openssl = f"(OpenSSL: {reason}: {_x509_error_string(failure.errno)})"
+        cert = failure.leaf if failure.leaf is not None else failure.cert
+        which = f"the {peer}'s certificate ({describe(cert)})"
+        if failure.leaf is None and failure.depth > 0:
+            which = f"the {peer}'s certificate chain (at depth {failure.depth}: {describe(cert)})"
+        if failure.errno in _UNTRUSTED:
+            if files is not None and files.ca is not None:
+                what = f"{which} is not signed by {ca_flag} {files.ca}: "
+                what += ("issue the worker's certificate from that CA, or add the CA that issued it to"
+                         f" {ca_flag}" if server_side else f"pass as {ca_flag} the CA that issued it")
+            elif server_side:
+                what = f"{which} is not signed by a CA this proxy trusts"
+            else:
+                what = (f"{which} is not signed by a CA of the system trust store (no --ca given): pass --ca FILE"
+                        " with the CA that issued it")
+        elif failure.errno == _EXPIRED:
+            what = f"{which} expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M UTC}: the {peer} needs a new one"
+        elif failure.errno == _NOT_YET_VALID:
+            what = (f"{which} is not valid before {cert.not_valid_before_utc:%Y-%m-%d %H:%M UTC}: check the"
+                    f" {peer}'s certificate and the clocks of both machines")
+        elif failure.errno == _PURPOSE:
+            usage = "client (clientAuth)" if server_side else "server (serverAuth)"
+            what = f"{which} is not a TLS {usage} certificate (its extended key usage): the {peer} needs one"
+        else:
+            what = f"{which} failed verification against {ca_flag} {files.ca if files else ''}".rstrip()
+        return f"{what} {openssl}", False
+    mismatch = app.get("mismatch")
+    if mismatch is not None and verify_name is not None:
+        return f"{_mismatch(verify_name, mismatch)} (OpenSSL: {reason})", False
+    alert = next((m.group(1) for part in reason.split("; ") if (m := _ALERT.search(part))), None)
+    if alert in _CERT_ALERTS:
+        mine = f"our {'server' if server_side else 'client'} certificate"
+        if own is not None:
+            mine += f" ({describe(own)}{'' if files is None else f'; --cert {files.cert}'})"
+        what = f"the {peer} rejected {mine}: {alert.replace(' ', '_')}, {_CERT_ALERTS[alert]}{_own_validity(own)}"
+        if server_side:
+            what += "; the worker's --ca must be the CA that issued the proxy's --cert"
+        elif alert in ("unknown ca", "bad certificate", "certificate unknown"):
+            what += "; the proxy's --workers-ca (HAProxy: `ca-file`) must be the CA that issued our --cert"
+        return f"{what} (OpenSSL: {reason})", False
+    if server_side and ("did not return a certificate" in reason or "certificate required" in reason):
+        return ("the client presented no certificate: workers must present one issued by --workers-ca"
+                f" (OpenSSL: {reason})"), True
+    if server_side and alert == "internal error":
+        # What our worker sends when the proxy's certificate does not name the host it dials
+        # (its verify callback refuses the leaf; OpenSSL has no finer alert for that).
+        return (f"{reason} (a worker refuses so a proxy certificate that does not carry the name it dials:"
+                " its log says which)"), True
+    if server_side and "http request" in reason:
+        return ("a plain HTTP request arrived on the tunnel port, which speaks TLS to workers: send HTTP"
+                f" clients to --public-bind (OpenSSL: {reason})"), True
+    if not server_side and "bad extension" in reason:
+        # What OpenSSL says when the server selects an ALPN protocol we
+        # did not offer (we offer only h2): say so, it is the usual cause.
+        return f"{reason} (did the proxy select an ALPN protocol other than h2?)", False
+    return reason, True
 
 
 def client_context(cert: str, key: str, ca: str | None) -> SSL.Context:
@@ -145,6 +281,7 @@ def client_context(cert: str, key: str, ca: str | None) -> SSL.Context:
         ctx.set_default_verify_paths()
     ctx.set_verify(SSL.VERIFY_PEER, _verify_callback)
     ctx.set_alpn_protos([b"h2"])
+    ctx.set_app_data(_Files(cert, ca))
     return ctx
 
 
@@ -161,12 +298,70 @@ def server_context(cert: str, key: str, workers_ca: str) -> SSL.Context:
     except SSL.Error as e:
         raise ConfigError("workers_ca", f"cannot load workers' CA {workers_ca}: {_ssl_reason(e)}") from e
     ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, _verify_callback)
+    ctx.set_app_data(_Files(cert, workers_ca))
 
     def select(conn: SSL.Connection, offered: list[bytes]) -> bytes | Any:
         return b"h2" if b"h2" in offered else SSL.NO_OVERLAPPING_PROTOCOLS
 
     ctx.set_alpn_select_callback(select)
     return ctx
+
+
+def public_context(cert: str, key: str) -> ssl.SSLContext:
+    """Context for the proxy's public HTTPS port (stdlib ``ssl``: the public server's sockets are stdlib's)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(cert, key)
+    except ssl.SSLError as e:
+        if e.reason == "KEY_VALUES_MISMATCH":
+            raise ConfigError("public_key", f"{key} does not match certificate {cert}") from e
+        # ssl does not say which of the two files it could not parse: name both.
+        raise ConfigError("public_cert", f"cannot load public certificate {cert} / key {key}:"
+                                         f" {e.reason or e}") from e
+    except OSError as e:  # a file that cannot be opened: ssl does not say which
+        missing = next((p for p in (cert, key) if not os.access(p, os.R_OK)), f"{cert} / {key}")
+        raise ConfigError("public_cert", f"cannot read {missing}: {e.strerror or e}") from e
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
+_T = TypeVar("_T")
+
+
+def reload_context(build: Callable[[], _T], install: Callable[[_T], None], *, what: str,
+                   certs: tuple[str | None, ...]) -> bool:
+    """Replace a TLS context that is serving: ``install(build())``, logged; False if it cannot be built.
+
+    The certificate-reload rule, written once for the worker and the proxy: the
+    new context is built whole, from the files as they are now, before anything
+    is installed, so a failed reload (a missing file, a key that does not match
+    its certificate, a CA bundle that does not parse) changes nothing, and the
+    caller keeps serving with the context it has; the one ERROR line names the
+    file (the :class:`~rhttp_wsgi.errors.ConfigError` messages of the builders
+    do).  The success line is written once the new context is installed, so
+    whoever reads it can count on new handshakes using it.
+    """
+    try:
+        ctx = build()
+    except (ConfigError, OSError, SSL.Error, ValueError) as e:
+        log.error("certificate reload failed, still using the previous %s certificates: %s", what, e)
+        return False
+    install(ctx)
+    log.info("reloaded the %s certificates: %s", what,
+             "; ".join(describe_certificate_file(c) for c in certs if c is not None))
+    return True
+
+
+def describe_certificate_file(path: str) -> str:
+    """``path (CN=..., serial ..., expires ...)`` for the log line of a (re)load; never raises."""
+    try:
+        with open(path, "rb") as f:
+            cert = x509.load_pem_x509_certificate(f.read())
+    except (OSError, ValueError) as e:
+        return f"{path} (unreadable: {e})"
+    expires = cert.not_valid_after_utc.strftime("%Y-%m-%d %H:%M:%SZ")
+    return f"{path} (CN={peer_common_name(cert)}, serial {cert.serial_number:x}, expires {expires})"
 
 
 def _ip(name: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -241,6 +436,8 @@ class TLSSession:
                 # checked on the leaf by _verify_callback, during the handshake
                 self._app["verify_name"] = verify_name
         self.closed = False
+        #: The TLS error that ended this session, once one did (see :meth:`_failure`).
+        self.failure: TLSSetupError | None = None
 
     # -- handshake (owner thread only, before the tunnel threads start) ----
 
@@ -255,7 +452,7 @@ class TLSSession:
                 done = False
             except SSL.Error as e:
                 self._flush_handshake(sock, deadline)
-                raise TLSSetupError(self._handshake_reason(e)) from e
+                raise self._failure(e, "TLS handshake failed") from e
             self._flush_handshake(sock, deadline)
             if done:
                 break
@@ -278,18 +475,21 @@ class TLSSession:
         sock.settimeout(None)
         self._post_handshake_checks()
 
-    def _handshake_reason(self, e: SSL.Error) -> str:
-        reason = _ssl_reason(e)
-        if not self.server_side and "bad extension" in reason:
-            # What OpenSSL says when the server selects an ALPN protocol we
-            # did not offer (we offer only h2): say so, it is the usual cause.
-            reason += " (did the proxy select an ALPN protocol other than h2?)"
-        extra = self._app.get("verify_error")
-        if extra:
-            reason = f"{reason} ({extra})"
-        side = "client" if self.server_side else "proxy"
-        return f"TLS handshake failed: {reason}; could not verify the {side}" if extra else \
-            f"TLS handshake failed: {reason}"
+    def _failure(self, e: SSL.Error, prefix: str) -> TLSSetupError:
+        """The error for OpenSSL's ``e``: what is wrong and what to do (see :func:`_explain`).
+
+        Also kept as :attr:`failure`: a peer's alert that refuses our
+        certificate arrives after our side of a TLS 1.3 handshake finished,
+        so the tunnel meets it on its first read, and its owner finds it here.
+        """
+        files = self._conn.get_context().get_app_data()
+        own = self._conn.get_certificate()
+        message, retryable = _explain(_ssl_reason(e), self._app, files if isinstance(files, _Files) else None,
+                                      server_side=self.server_side,
+                                      own=own.to_cryptography() if own is not None else None,
+                                      verify_name=self.verify_name)
+        self.failure = TLSSetupError(f"{prefix}: {message}", retryable=retryable)
+        return self.failure
 
     def _flush_handshake(self, sock: socket.socket, deadline: float) -> None:
         out = self.pending_output()
@@ -304,13 +504,13 @@ class TLSSession:
         proto = self._conn.get_alpn_proto_negotiated()
         if proto != b"h2":
             got = proto.decode("ascii", "replace") if proto else "no protocol"
-            raise ALPNError(f"the peer did not select ALPN h2 (got {got})")
+            raise ALPNError(f"the peer did not select ALPN h2 (got {got})", retryable=False)
         if not self.server_side and self.verify_name and not self._app.get("name_verified"):
             # A context whose verify callback is not ours (or no verification
             # at all) did not check the name during the handshake: check it now.
             cert = self.peer_certificate()
             if cert is None or not _cert_matches(cert, self.verify_name):
-                raise TLSSetupError(f"TLS handshake failed: {_mismatch(self.verify_name)}")
+                raise TLSSetupError(f"TLS handshake failed: {_mismatch(self.verify_name, cert)}", retryable=False)
 
     # -- data (tunnel lock held) -------------------------------------------
 
@@ -327,7 +527,7 @@ class TLSSession:
                 self.closed = True
                 break
             except SSL.Error as e:
-                raise TLSSetupError(f"TLS error: {_ssl_reason(e)}") from e
+                raise self._failure(e, "TLS error") from e
         if len(chunks) == 1:
             return chunks[0]
         return b"".join(chunks)
@@ -340,8 +540,9 @@ class TLSSession:
             return self.pending_output()
         # Performance (benchmarks/RESULTS.md): feed OpenSSL at most _ENCRYPT_PIECE
         # at a time and drain the memory BIO after each piece.  Handing it a whole
-        # 1 MiB writer batch made the BIO buffer grow by repeated realloc+copy:
-        # 1 MiB took ~1.9 ms to encrypt this way versus ~0.55 ms in 64 KiB pieces.
+        # writer batch (up to _tunnel.WRITE_BATCH plus frame headers) made the BIO
+        # buffer grow by repeated realloc+copy: measured when batches were 1 MiB,
+        # 1 MiB took ~1.9 ms to encrypt in one piece versus ~0.55 ms in 64 KiB pieces.
         view = memoryview(data)
         out: list[bytes] = []
         for start in range(0, len(view), _ENCRYPT_PIECE):

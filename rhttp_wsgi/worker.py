@@ -21,16 +21,19 @@ from types import TracebackType
 from typing import Any
 
 import h2.events
+from cryptography import x509
 from h2.errors import ErrorCodes
+from OpenSSL import SSL
 
 from ._pool import AppThreadPool
 from ._protocol import TunnelProtocol
-from ._signals import wait_for_stop_signal
+from ._signals import stop_signals
 from ._tunnel import Tunnel
+from .accesslog import AccessLog, TunnelIdentity
 from .errors import ConfigError, TLSSetupError
 from .options import WorkerOptions
 from .streams import StreamPolicy
-from .tls import TLSSession, client_context
+from .tls import TLSSession, client_context, peer_common_name, reload_context
 from .wsgi import WSGIApp, WSGIContext
 
 __all__ = ["TunnelInfo", "WorkerPool"]
@@ -100,7 +103,9 @@ class WorkerPool:
         options.check_files()
         self.options = options
         self.app: WSGIApp = options.app
+        #: Replaced whole by :meth:`reload_certificates`; each dial reads it once.
         self._ctx = client_context(options.cert or "", options.key or "", options.ca)
+        self._reload_lock = threading.Lock()
         self._clock = clock
         self._rng = rng
         self._lock = threading.Lock()
@@ -109,8 +114,13 @@ class WorkerPool:
         self._started = False
         self._shutdown_done = threading.Event()
         self._shutdown_started = False
+        #: Set by the first tunnel that comes up (see has_connected); logs "ready" once.
+        self._connected = threading.Event()
+        self._first_ready_lock = threading.Lock()
         self._shutdown_result = True
         self._pool = AppThreadPool(options.threads)
+        #: None when the access log is off (options.access_log).
+        self._access = AccessLog.from_options(options, "worker")
         self._slots = [_Slot(i) for i in range(options.connections)]
         #: Set by process managers (the gunicorn worker) when siblings serve the same app.
         self.multiprocess = False
@@ -177,6 +187,8 @@ class WorkerPool:
                     th.join(5.0)
         remaining = 1.0 if deadline is None else max(0.0, deadline - time.monotonic())
         ok = self._pool.shutdown(remaining if ok else 0.0) and ok
+        if self._access is not None:
+            self._access.close()  # the last access lines
         self._shutdown_result = ok
         self._shutdown_done.set()
         log.info("worker pool stopped (%s)", "drained" if ok else "deadline reached")
@@ -185,10 +197,13 @@ class WorkerPool:
     def serve_forever(self, timeout: float | None = None) -> bool:
         """Start, serve until SIGTERM/SIGINT, then drain within ``timeout`` (default: shutdown_timeout).
 
+        SIGHUP meanwhile reloads the certificates (:meth:`reload_certificates`).
         Also returns when another thread calls :meth:`shutdown` (it sets ``_stopping``).
         """
-        self.start()
-        wait_for_stop_signal(self._stopping)
+        # Handlers first: the "ready" line may be logged as soon as start() returns.
+        with stop_signals(self._stopping, reload=self.reload_certificates) as stop:
+            self.start()
+            stop.wait()
         return self.shutdown(self.options.shutdown_timeout if timeout is None else timeout)
 
     def __enter__(self) -> WorkerPool:
@@ -197,6 +212,36 @@ class WorkerPool:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.shutdown(self.options.shutdown_timeout)
+
+    def reload_certificates(self) -> bool:
+        """Re-read ``cert``, ``key`` and ``ca`` from their files; tunnels dialled from now on use them.
+
+        Tunnels already up, and their requests, keep the session they
+        negotiated; to move every tunnel to the new certificate, let them be
+        replaced (a proxy restart or drain does it).  On failure (a missing
+        file, a key that does not match the certificate) the previous context
+        stays, one ERROR line names the file, and False is returned.  The new
+        files pass the checks of a start (:meth:`WorkerOptions.check_files`):
+        an expired certificate or one meant for servers is refused here too.
+
+        Thread safety: callable from any thread (SIGHUP runs it on the main
+        thread).  The new context is built whole, then swapped in by one
+        attribute store; a dial reads the attribute once (:meth:`_dial`), so a
+        handshake sees the old context or the new one, never a mixture, and a
+        session keeps the context it was made from.  Concurrent reloads are
+        serialised by ``_reload_lock`` (held by nothing else).
+        """
+        o = self.options
+
+        def build() -> SSL.Context:
+            o.check_files()  # the startup checks (expiry, key usage, key match), on the new files
+            return client_context(o.cert or "", o.key or "", o.ca)
+
+        def install(ctx: SSL.Context) -> None:
+            self._ctx = ctx
+
+        with self._reload_lock:
+            return reload_context(build, install, what="worker", certs=(o.cert,))
 
     # -- introspection -----------------------------------------------------------
 
@@ -243,14 +288,18 @@ class WorkerPool:
                 slot.failures += 1
                 slot.last_error = str(e)
                 delay = self._backoff(slot.failures)
-                log.warning("%s: cannot connect to %s: %s (retry in %.2fs)", name, o.proxy, e, delay)
+                self._log_failure(name, f"cannot connect to {o.proxy}: {e}", e, delay)
                 self._stopping.wait(delay)
                 continue
             peer = sock.getpeername()
+            # REMOTE_PORT: never the tunnel's port (it is not the client's); REMOTE_ADDR is the proxy's
+            # unless the request's X-Forwarded-For names the client (forwarded_for).
             ctx = WSGIContext(self.app, url_scheme=o.url_scheme, remote_addr=str(peer[0]),
-                              remote_port=int(peer[1]), peer_certificate=session.peer_certificate(),
+                              remote_port=None, peer_certificate=session.peer_certificate(),
                               draining=self._draining, server_name=o.proxy_host, body_timeout=o.body_timeout,
-                              body_min_rate=o.body_min_rate, multiprocess=self.multiprocess)
+                              body_min_rate=o.body_min_rate, multiprocess=self.multiprocess,
+                              forwarded_for=1 + o.forwarded_for_hops if o.forwarded_for else 0,
+                              access_log=self._access, identity=self._identity(name, sock))
             tunnel = Tunnel(
                 sock, session, TunnelProtocol("server", o), o,
                 name=name,
@@ -297,10 +346,33 @@ class WorkerPool:
                 slot.failures += 1
                 slot.last_error = reason
                 delay = self._backoff(slot.failures)
-                log.warning("%s: handshake with %s failed: %s (retry in %.2fs)", name, o.proxy, reason, delay)
+                # A TLS 1.3 proxy refuses our certificate after our side of the
+                # handshake is done: its alert ended the tunnel's first read.
+                self._log_failure(name, f"handshake with {o.proxy} failed: {reason}", session.failure, delay)
             if slot.generation != generation:
                 return  # a replacement thread already owns this slot
             self._stopping.wait(delay)
+
+    def _log_failure(self, name: str, text: str, error: BaseException | None, delay: float) -> None:
+        """One line per failed attempt: ERROR when only a changed certificate, key or CA can fix it."""
+        if isinstance(error, TLSSetupError) and not error.retryable:
+            log.error("%s: %s (retry in %.2fs; backing off up to %gs, this will fail until the files or the proxy"
+                      " change)", name, text, delay, self.options.reconnect_max)
+        else:
+            log.warning("%s: %s (retry in %.2fs)", name, text, delay)
+
+    def _identity(self, name: str, sock: socket.socket) -> TunnelIdentity | None:
+        """How this tunnel's access lines name it: our certificate's CN (read from the file the
+        handshake just used), the slot, and our end of the connection (the address the proxy logs)."""
+        if self._access is None:
+            return None
+        cn = None
+        try:
+            with open(self.options.cert or "", "rb") as f:
+                cn = peer_common_name(x509.load_pem_x509_certificate(f.read()))
+        except (OSError, ValueError):
+            pass
+        return TunnelIdentity(cn, name, tuple(sock.getsockname()))
 
     def _any_live_tunnel(self) -> bool:
         with self._lock:
@@ -311,6 +383,7 @@ class WorkerPool:
         sock = socket.create_connection((host, port), timeout=o.dial_timeout)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # self._ctx read once: a reload swaps the reference, this handshake keeps the one it got
             session = TLSSession(self._ctx, server_side=False, sni=o.sni, verify_name=o.verify_name)
             session.handshake(sock, o.handshake_timeout)
         except BaseException:
@@ -325,6 +398,16 @@ class WorkerPool:
         log.info("%s: connected to %s (%s)", tunnel.name, self.options.proxy,
                  tunnel.tls.protocol_version() if tunnel.tls else "plaintext")
         slot.ready.set()
+        with self._first_ready_lock:  # (taken under the tunnel lock; takes nothing else)
+            first = not self._connected.is_set()
+            self._connected.set()
+        if first:
+            log.info("ready: serving through the proxy at %s (first tunnel up)", self.options.proxy)
+
+    @property
+    def has_connected(self) -> bool:
+        """True once a tunnel has been up (the proxy's SETTINGS received), ever: the worker was reachable."""
+        return self._connected.is_set()
 
     def _on_goaway(self, slot: _Slot, generation: int, tunnel: Tunnel,
                    ev: h2.events.ConnectionTerminated) -> None:

@@ -1,7 +1,7 @@
 """The PEP 3333 adapter: one HTTP/2 stream in, one WSGI call, one response out.
 
 Runs on an app thread.  It only talks to its :class:`~rhttp_wsgi._tunnel.Channel`
-(never the socket, TLS or h2 directly), so a slow or broken app costs its own
+(never the socket, TLS or the HTTP/2 core), so a slow or broken app costs its own
 stream and nothing else.
 """
 
@@ -33,6 +33,7 @@ from ._http import (
 )
 from ._io import body_wait
 from ._tunnel import Channel
+from .accesslog import AccessLog, TunnelIdentity, forwarded_client, new_request_id, request_id
 from .errors import RHTTPError, StreamReset, StreamTimeout, TunnelClosed
 
 __all__ = ["FileWrapper", "InputStream", "WSGIContext", "run_wsgi"]
@@ -43,8 +44,6 @@ app_log = logging.getLogger("rhttp_wsgi.app")
 ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
-_STATUS_REASON_500 = b"Internal Server Error\n"
-
 
 class WSGIContext:
     """What a tunnel's requests share: the app, the policy, the peer.
@@ -53,21 +52,30 @@ class WSGIContext:
     of the tunnel's requests (PEP 3333 constants, ``REMOTE_ADDR``/``REMOTE_PORT``,
     ``rhttp.draining``, ``rhttp.peer_certificate``); :func:`build_environ` copies
     it in one go.  The peer attributes are properties over it (one copy of the state).
+    ``REMOTE_ADDR``/``REMOTE_PORT`` there are the tunnel's peer (``remote_port``
+    None: ``""``); a request's ``X-Forwarded-For`` replaces them when
+    ``forwarded_for`` (the number of trusted entries, 0 = none) says so.
+    ``access_log`` (None: off) writes a line per request naming ``identity``.
     """
 
     __slots__ = (
+        "access_log",
         "app",
         "body_min_rate",
         "body_timeout",
+        "forwarded_for",
+        "identity",
         "server_name",
         "static_environ",
         "url_scheme",
     )
 
     def __init__(self, app: WSGIApp, *, url_scheme: str = "forwarded", remote_addr: str = "",
-                 remote_port: int = 0, peer_certificate: Any = None,
+                 remote_port: int | None = 0, peer_certificate: Any = None,
                  draining: threading.Event | None = None, server_name: str = "localhost",
-                 body_timeout: float | None = None, body_min_rate: int = 0, multiprocess: bool = False) -> None:
+                 body_timeout: float | None = None, body_min_rate: int = 0, multiprocess: bool = False,
+                 forwarded_for: int = 1, access_log: AccessLog | None = None,
+                 identity: TunnelIdentity | None = None) -> None:
         self.app = app
         #: Copied into every environ; ``wsgi.multiprocess`` is True when the app
         #: also runs in sibling processes (gunicorn --workers N).
@@ -83,6 +91,10 @@ class WSGIContext:
         self.body_timeout = body_timeout or None
         #: With body_timeout: the slowest average body rate (bytes/s, 0 = none).
         self.body_min_rate = body_min_rate
+        #: REMOTE_ADDR is the ``forwarded_for``-th X-Forwarded-For entry from the right (0: the peer's).
+        self.forwarded_for = forwarded_for
+        self.access_log = access_log
+        self.identity = identity
 
     @property
     def remote_addr(self) -> str:
@@ -93,12 +105,13 @@ class WSGIContext:
         self.static_environ["REMOTE_ADDR"] = value
 
     @property
-    def remote_port(self) -> int:
-        return int(self.static_environ["REMOTE_PORT"])
+    def remote_port(self) -> int | None:
+        port = self.static_environ["REMOTE_PORT"]
+        return int(port) if port else None
 
     @remote_port.setter
-    def remote_port(self, value: int) -> None:
-        self.static_environ["REMOTE_PORT"] = str(value)
+    def remote_port(self, value: int | None) -> None:
+        self.static_environ["REMOTE_PORT"] = "" if value is None else str(value)
 
     @property
     def peer_certificate(self) -> Any:
@@ -262,6 +275,15 @@ def build_environ(ch: Channel, ctx: WSGIContext) -> dict[str, Any]:
     environ: dict[str, Any] = ctx.static_environ.copy()
     assert ch.headers is not None
     scheme, host_value = request_environ(environ, ch.headers)
+    trusted = ctx.forwarded_for
+    if trusted and (xff := environ.get("HTTP_X_FORWARDED_FOR")):
+        client = forwarded_client(xff, trusted)
+        if client is not None:
+            # (the client's port is not known: REMOTE_PORT "", never the tunnel's)
+            environ["REMOTE_ADDR"] = client
+            environ["REMOTE_PORT"] = ""
+    rid = environ.get("HTTP_X_REQUEST_ID")
+    environ["rhttp.request_id"] = new_request_id() if rid is None else request_id(rid)
     policy = ctx.url_scheme
     if policy == "forwarded" and (fwd_proto := environ.get("HTTP_X_FORWARDED_PROTO")):
         url_scheme = fwd_proto.split(",")[0].strip().lower()
@@ -306,12 +328,13 @@ def _decode_pairs(pairs: list[tuple[bytes, bytes]] | None) -> list[tuple[str, st
 
 
 def _encode_headers(status: str, headers: list[tuple[str, str]]) -> tuple[int, list[tuple[bytes, bytes]], int | None]:
-    """Validate and encode a ``start_response`` status and header list for h2.
+    """Validate and encode a ``start_response`` status and header list for HTTP/2.
 
     Refuses (TypeError/ValueError) what PEP 3333 and RFC 9113 forbid; drops the
     connection-specific headers; strips what h2's outbound normalization would
-    strip.  The worker's h2 runs with its own outbound checks off because of
-    this (tests/unit/test_outbound_headers.py proves the equivalence).
+    strip.  The worker's HTTP/2 core runs with its own outbound checks off
+    (``H2Config.validate_outbound``) because of this
+    (tests/unit/test_outbound_headers.py proves the equivalence with h2's).
     """
     st = _STATUS_CACHE.get(status) if type(status) is str else None
     if st is None:
@@ -379,7 +402,7 @@ def _encode_header(item: tuple[str, str], out: list[tuple[bytes, bytes]]) -> int
     content_length = None
     bname = lname.encode("ascii")
     # Strip what h2's normalize_outbound_headers strips (bytes.strip(): SP, HTAB,
-    # VT, FF; CR/LF were refused above): the worker's h2 connection runs with
+    # VT, FF; CR/LF were refused above): the worker's HTTP/2 core runs with
     # outbound normalization and validation off because this function already
     # guarantees all of it (tests/unit/test_outbound_headers.py).
     svalue = value.strip(OUTBOUND_STRIP_STR)
@@ -413,7 +436,6 @@ class _Response:
 
     __slots__ = (
         "ch",
-        "code",
         "content_length",
         "headers",
         "method_head",
@@ -427,11 +449,12 @@ class _Response:
         self.ch = ch
         self.method_head = head
         self.headers: list[tuple[bytes, bytes]] | None = None
-        self.code = 0
         self.content_length: int | None = None
         self.sent_headers = False
         self.sent_bytes = 0
         self.no_body = head
+        #: The status chosen last (by the app, or an error answer), for the access log.
+        self.status = 0
 
     def start_response(self, status: str, headers: list[tuple[str, str]],
                        exc_info: ExcInfo | None = None) -> Callable[[bytes], None]:
@@ -443,10 +466,15 @@ class _Response:
                 exc_info = None  # break the traceback cycle (PEP 3333)
         elif self.headers is not None:
             raise AssertionError("start_response() called twice without exc_info")
-        code, encoded, cl = _encode_headers(status, headers)
-        self.code, self.headers, self.content_length = code, encoded, cl
+        code, self.headers, self.content_length = _encode_headers(status, headers)
+        self.status = code
         self.no_body = self.method_head or code in NO_BODY_STATUS
         return self.write
+
+    def answer_error(self, status: int, message: str) -> None:
+        """Answer ``status`` instead of the app (nothing was sent yet)."""
+        self.status = status
+        self.sent_bytes = _error_response(self.ch, status, message)
 
     def _send_headers(self, end: bool) -> None:
         if self.headers is None:
@@ -500,7 +528,8 @@ class _LengthMismatch(Exception):
     pass
 
 
-def _error_response(ch: Channel, status: int, message: str) -> None:
+def _error_response(ch: Channel, status: int, message: str) -> int:
+    """Answer ``status`` with ``message``; returns the body's size."""
     body = f"{message}\n".encode("utf-8", "replace")
     try:
         ch.send_headers([(b":status", str(status).encode()), (b"content-type", b"text/plain; charset=utf-8"),
@@ -508,6 +537,13 @@ def _error_response(ch: Channel, status: int, message: str) -> None:
         ch.write(body, end=True)
     except RHTTPError:
         pass
+    return len(body)
+
+
+def _request_line(ch: Channel, environ: dict[str, Any]) -> str:
+    """``tunnel-0 stream 5: GET /path``: which request a log line is about (error paths only)."""
+    path = environ.get("RAW_URI") or environ.get("PATH_INFO", "")
+    return f"{ch.tunnel.name} stream {ch.stream_id}: {environ.get('REQUEST_METHOD', '?')} {path}"
 
 
 def run_wsgi(ch: Channel, ctx: WSGIContext) -> None:
@@ -519,10 +555,12 @@ def run_wsgi(ch: Channel, ctx: WSGIContext) -> None:
     try:
         environ = build_environ(ch, ctx)
     except BadRequest as e:
-        log.info("stream %d: %d %s", ch.stream_id, e.status, e)
+        log.info("%s stream %d: %d %s", ch.tunnel.name, ch.stream_id, e.status, e)
         _error_response(ch, e.status, str(e))
         return
     resp = _Response(ch, environ["REQUEST_METHOD"] == "HEAD")
+    access = ctx.access_log
+    rec = access.start(environ, ctx.identity) if access is not None else None
     result: Iterable[bytes] | None = None
     try:
         result = ctx.app(environ, resp.start_response)
@@ -555,30 +593,31 @@ def run_wsgi(ch: Channel, ctx: WSGIContext) -> None:
                     raise TypeError(f"body chunks must be bytes, got {type(chunk).__name__}")
             resp.finish()
     except (StreamReset, TunnelClosed) as e:
-        log.debug("stream %d: gave up, %s", ch.stream_id, e)
+        # The client (or the proxy) left, or the tunnel went: nobody reads the answer.
+        log.debug("%s: gave up, %s", _request_line(ch, environ), e)
     except StreamTimeout as e:
         if ch.error is not None:  # the stream itself timed out (request_timeout, send stall)
-            log.debug("stream %d: gave up, %s", ch.stream_id, e)
+            log.debug("%s: gave up, %s", _request_line(ch, environ), e)
         elif not resp.sent_headers:
             # wsgi.input waited body_timeout for bytes that never came.
-            log.info("stream %d: 408, %s", ch.stream_id, e)
-            _error_response(ch, 408, "Request Timeout")
+            log.info("%s: 408, %s", _request_line(ch, environ), e)
+            resp.answer_error(408, "Request Timeout")
         else:
-            log.info("stream %d: %s after the response started; resetting the stream", ch.stream_id, e)
+            log.info("%s: %s after the response started; resetting the stream", _request_line(ch, environ), e)
             ch.reset(ErrorCodes.CANCEL)
     except _LengthMismatch as e:
-        log.error("stream %d: %s; resetting the stream", ch.stream_id, e)
+        log.error("%s: %s; resetting the stream", _request_line(ch, environ), e)
         ch.reset(ErrorCodes.INTERNAL_ERROR)
     except Exception:
         if ch.error is not None:
-            log.debug("stream %d: app failed after the stream ended", ch.stream_id, exc_info=True)
+            log.debug("%s: the app failed after the stream ended", _request_line(ch, environ), exc_info=True)
         elif not resp.sent_headers:
-            log.error("stream %d: application error before headers; answering 500", ch.stream_id,
-                      exc_info=True)
-            _error_response(ch, 500, "Internal Server Error")
+            log.error("%s: application error before the response headers; answering 500",
+                      _request_line(ch, environ), exc_info=True)
+            resp.answer_error(500, "Internal Server Error")
         else:
-            log.error("stream %d: application error after headers; resetting the stream", ch.stream_id,
-                      exc_info=True)
+            log.error("%s: application error after the response headers; resetting the stream",
+                      _request_line(ch, environ), exc_info=True)
             ch.reset(ErrorCodes.INTERNAL_ERROR)
     finally:
         close = getattr(result, "close", None)
@@ -586,4 +625,10 @@ def run_wsgi(ch: Channel, ctx: WSGIContext) -> None:
             try:
                 close()
             except Exception:
-                log.error("stream %d: the iterable's close() failed", ch.stream_id, exc_info=True)
+                log.error("%s: the response iterable's close() failed", _request_line(ch, environ), exc_info=True)
+        if rec is not None:
+            # (a stream reset before any header went out has no status)
+            rec.status = resp.status if ch.headers_sent else None
+            rec.sent = resp.sent_bytes
+            rec.response_headers = resp.headers
+            rec.finish()

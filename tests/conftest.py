@@ -1,5 +1,19 @@
 """Suite-wide policy.
 
+Layout, by what a test runs against:
+
+* ``unit/``: sans-I/O -- the HTTP/2 core, HPACK, the HTTP rules, options,
+  the environ, PKI minting; no socket, no thread (enforced there).
+* ``tunnel/``: a real ``Tunnel`` (its reader and writer threads) over a
+  socketpair, against an in-memory peer: the worker against the raw-frame
+  proxy of ``h2peer.py`` (``make_worker``), the proxy's side against h2.
+* ``integration/``: real sockets, threads, signals and subprocesses on
+  127.0.0.1: the proxy and worker pools over mTLS, the public server, the CLI,
+  the examples (the raw-frame *worker* of ``h2peer.py`` plays a hostile worker).
+* ``interop/``: other people's servers: HAProxy, gunicorn, waitress, werkzeug.
+
+Policies:
+
 * Under CI (``CI=true``) a skipped test is a failure: a dependency CI did not
   install is a test that does not exist.  A skip whose reason starts with
   ``optional:`` is exempt (a feature this platform does not have).

@@ -46,7 +46,9 @@ TEMPLATES = [
 # Behind the proxy: the worker derives wsgi.url_scheme from X-Forwarded-Proto
 # (RHTTP_URL_SCHEME=forwarded, the default), so request.is_secure() is right
 # without SECURE_PROXY_SSL_HEADER.  Serving the public side over HTTPS, also set
-# CSRF_COOKIE_SECURE = True and SESSION_COOKIE_SECURE = True.
+# CSRF_COOKIE_SECURE = True and SESSION_COOKIE_SECURE = True.  REMOTE_ADDR is the
+# client's address (the worker reads the proxy's X-Forwarded-For), and the public
+# Host arrives as it was sent: USE_X_FORWARDED_HOST is not needed either.
 
 USE_TZ = True
 LANGUAGE_CODE = "en-us"

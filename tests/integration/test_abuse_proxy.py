@@ -1,7 +1,7 @@
-"""A malicious or broken worker, seen from the proxy (issue 6, proxy side).
+"""A malicious or broken worker, seen from the proxy.
 
-The worker is :class:`RawWorker`: real mTLS to the real proxy, then raw HTTP/2
-frames.  The rules checked here:
+The worker is :class:`tests.h2peer.WorkerPeer`: real mTLS to the real proxy,
+then raw HTTP/2 frames.  The rules checked here:
 
 * a malformed *response* (invalid or missing ``:status``, CR/LF/NUL in a
   value, uppercase or connection-specific header names, pseudo-headers out of
@@ -16,6 +16,8 @@ frames.  The rules checked here:
 * a PING or SETTINGS flood gets GOAWAY(ENHANCE_YOUR_CALM) and a detach;
 * a worker that never answers gives 504 (and a CANCEL), one that resets after
   the headers gives a truncated public response.
+
+(The proxy's flood guard itself, sans I/O: ``tests/unit/test_h2core_limits.py``.)
 """
 
 from __future__ import annotations
@@ -30,9 +32,7 @@ import pytest
 from h2.errors import ErrorCodes
 from hyperframe.frame import PingFrame, PushPromiseFrame, RstStreamFrame, SettingsFrame
 
-from rhttp_wsgi._protocol import PREFACE, TunnelProtocol
-from rhttp_wsgi.errors import ProtocolViolation
-from rhttp_wsgi.options import ProxyOptions
+from tests.h2peer import Request, Responder, WorkerPeer, answer_ok
 
 from .proxy_fixtures import (  # noqa: F401  (fixtures)
     WAIT,
@@ -41,31 +41,30 @@ from .proxy_fixtures import (  # noqa: F401  (fixtures)
     pki_fixture,
     read_until_close,
 )
-from .raw_worker import RawWorker, Request, Responder, answer_ok
 
 pytestmark = pytest.mark.timeout(30)
 
-Action = Callable[[RawWorker, int, Request], None]
+Action = Callable[[WorkerPeer, int, Request], None]
 
 
-def hold(w: RawWorker, sid: int, req: Request) -> None:
+def hold(w: WorkerPeer, sid: int, req: Request) -> None:
     """Leave the stream open: the test answers (or not) later."""
 
 
 def scripted(actions: dict[str, Action]) -> Responder:
-    def responder(w: RawWorker, sid: int, req: Request) -> None:
+    def responder(w: WorkerPeer, sid: int, req: Request) -> None:
         actions.get(req.path.split("?")[0], answer_ok)(w, sid, req)
     return responder
 
 
 @pytest.fixture
-def make_raw(env: Env) -> Iterator[Callable[..., RawWorker]]:
-    made: list[RawWorker] = []
+def make_raw(env: Env) -> Iterator[Callable[..., WorkerPeer]]:
+    made: list[WorkerPeer] = []
 
-    def make(responder: Responder = answer_ok, name: str = "worker", **kw: Any) -> RawWorker:
+    def make(responder: Responder = answer_ok, name: str = "worker", **kw: Any) -> WorkerPeer:
         cert, key = env.pki.workers[name]
         before = len(env.proxy.workers())
-        w = RawWorker(env.tunnel_port, str(cert), str(key), str(env.pki.ca_cert), responder=responder,
+        w = WorkerPeer(env.tunnel_port, str(cert), str(key), str(env.pki.ca_cert), responder=responder,
                       name=f"raw-{name}", **kw)
         made.append(w)
         assert env.proxy.wait_for_workers(before + 1, WAIT)
@@ -98,7 +97,7 @@ class Background:
         return self.result
 
 
-def assert_tunnel_intact(env: Env, w: RawWorker, worker_id: str) -> None:
+def assert_tunnel_intact(env: Env, w: WorkerPeer, worker_id: str) -> None:
     """Same worker still attached, no GOAWAY, and a fresh request works on it."""
     assert [x.id for x in env.proxy.workers()] == [worker_id]
     status, _, body, _ = env.request("GET", "/after")
@@ -106,7 +105,7 @@ def assert_tunnel_intact(env: Env, w: RawWorker, worker_id: str) -> None:
     assert w.goaways() == [] and not w.eof
 
 
-def first_rst_code(w: RawWorker, sid: int) -> int:
+def first_rst_code(w: WorkerPeer, sid: int) -> int:
     return int(w.wait_rst(sid).error_code)
 
 
@@ -146,16 +145,16 @@ MALFORMED: dict[str, list[tuple[bytes, bytes]]] = {
 
 
 @pytest.mark.parametrize("case", sorted(MALFORMED))
-def test_malformed_response_is_a_stream_error(env: Env, make_raw: Callable[..., RawWorker], case: str) -> None:
+def test_malformed_response_is_a_stream_error(env: Env, make_raw: Callable[..., WorkerPeer], case: str) -> None:
     bad = MALFORMED[case]
 
-    def on_headers(w: RawWorker, sid: int, req: Request) -> None:
+    def on_headers(w: WorkerPeer, sid: int, req: Request) -> None:
         # the block ends the stream (the stream is closed before h2 validates it)
-        w.send(w.headers_frame(sid, bad, end_stream=True))
+        w.send_frame(w.headers_frame(sid, bad, end_stream=True))
 
-    def then_body(w: RawWorker, sid: int, req: Request) -> None:
+    def then_body(w: WorkerPeer, sid: int, req: Request) -> None:
         # the block, then a body: DATA arrives on a stream the proxy already reset
-        w.send(w.headers_frame(sid, bad), w.data_frame(sid, b"body!", end_stream=True))
+        w.send_frame(w.headers_frame(sid, bad), w.data_frame(sid, b"body!", end_stream=True))
 
     env.start_proxy()
     w = make_raw(scripted({"/hold": hold, "/bad1": on_headers, "/bad2": then_body}))
@@ -176,14 +175,14 @@ def test_malformed_response_is_a_stream_error(env: Env, make_raw: Callable[..., 
     assert_tunnel_intact(env, w, worker_id)
 
 
-def test_informational_responses_skipped_final_forwarded(env: Env, make_raw: Callable[..., RawWorker]) -> None:
-    def early_hints(w: RawWorker, sid: int, req: Request) -> None:
-        w.send(w.headers_frame(sid, [(b":status", b"103"), (b"link", b"</s.css>; rel=preload")]),
+def test_informational_responses_skipped_final_forwarded(env: Env, make_raw: Callable[..., WorkerPeer]) -> None:
+    def early_hints(w: WorkerPeer, sid: int, req: Request) -> None:
+        w.send_frame(w.headers_frame(sid, [(b":status", b"103"), (b"link", b"</s.css>; rel=preload")]),
                w.headers_frame(sid, [(b":status", b"100")]))
         w.respond(sid, 200, b"final", [(b"x-final", b"yes")])
 
-    def informational_end_stream(w: RawWorker, sid: int, req: Request) -> None:
-        w.send(w.headers_frame(sid, [(b":status", b"103")], end_stream=True))
+    def informational_end_stream(w: WorkerPeer, sid: int, req: Request) -> None:
+        w.send_frame(w.headers_frame(sid, [(b":status", b"103")], end_stream=True))
 
     env.start_proxy()
     w = make_raw(scripted({"/hints": early_hints, "/bad": informational_end_stream}))
@@ -206,10 +205,10 @@ def test_informational_responses_skipped_final_forwarded(env: Env, make_raw: Cal
 
 
 @pytest.mark.parametrize("body", [b"0123456789", b"012"], ids=["longer", "shorter"])
-def test_body_disagreeing_with_content_length_is_502(env: Env, make_raw: Callable[..., RawWorker],
+def test_body_disagreeing_with_content_length_is_502(env: Env, make_raw: Callable[..., WorkerPeer],
                                                      body: bytes) -> None:
-    def lying(w: RawWorker, sid: int, req: Request) -> None:
-        w.send(w.headers_frame(sid, [STATUS, (b"content-length", b"5")]),
+    def lying(w: WorkerPeer, sid: int, req: Request) -> None:
+        w.send_frame(w.headers_frame(sid, [STATUS, (b"content-length", b"5")]),
                w.data_frame(sid, body, end_stream=True))
 
     env.start_proxy()
@@ -221,7 +220,7 @@ def test_body_disagreeing_with_content_length_is_502(env: Env, make_raw: Callabl
     assert_tunnel_intact(env, w, worker_id)
 
 
-def test_body_overrun_after_headers_went_out_truncates(env: Env, make_raw: Callable[..., RawWorker]) -> None:
+def test_body_overrun_after_headers_went_out_truncates(env: Env, make_raw: Callable[..., WorkerPeer]) -> None:
     """Headers and part of the body are already with the client: the overrun is never passed on."""
     env.start_proxy()
     w = make_raw(scripted({"/overrun": hold}))
@@ -229,14 +228,14 @@ def test_body_overrun_after_headers_went_out_truncates(env: Env, make_raw: Calla
     s = env.raw()
     s.sendall(b"GET /overrun HTTP/1.1\r\nHost: x\r\n\r\n")
     sid = w.wait_request("/overrun").stream_id
-    w.send(w.headers_frame(sid, [STATUS, (b"content-length", b"10")]), w.data_frame(sid, b"12345"))
+    w.send_frame(w.headers_frame(sid, [STATUS, (b"content-length", b"10")]), w.data_frame(sid, b"12345"))
     buf = b""
     s.settimeout(WAIT)
     while not buf.endswith(b"12345"):
         data = s.recv(4096)
         assert data, buf
         buf += data
-    w.send(w.data_frame(sid, b"67890-OVERRUN", end_stream=True))  # 18 bytes > content-length 10
+    w.send_frame(w.data_frame(sid, b"67890-OVERRUN", end_stream=True))  # 18 bytes > content-length 10
     buf += read_until_close(s)
     head, _, body = buf.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 ") and b"content-length: 10" in head.lower()
@@ -250,7 +249,7 @@ def test_body_overrun_after_headers_went_out_truncates(env: Env, make_raw: Calla
 # ---------------------------------------------------------------------------
 
 
-def test_worker_that_never_answers_gets_504_and_cancel(env: Env, make_raw: Callable[..., RawWorker]) -> None:
+def test_worker_that_never_answers_gets_504_and_cancel(env: Env, make_raw: Callable[..., WorkerPeer]) -> None:
     env.start_proxy(response_timeout=0.4)
     w = make_raw(scripted({"/silent": hold}))
     worker_id = env.proxy.workers()[0].id
@@ -261,20 +260,20 @@ def test_worker_that_never_answers_gets_504_and_cancel(env: Env, make_raw: Calla
     assert_tunnel_intact(env, w, worker_id)
 
 
-def test_reset_after_headers_is_a_visible_truncation(env: Env, make_raw: Callable[..., RawWorker]) -> None:
+def test_reset_after_headers_is_a_visible_truncation(env: Env, make_raw: Callable[..., WorkerPeer]) -> None:
     env.start_proxy()
     w = make_raw(scripted({"/reset": hold}))
     worker_id = env.proxy.workers()[0].id
     c = env.conn()
     c.request("GET", "/reset")
     sid = w.wait_request("/reset").stream_id
-    w.send(w.headers_frame(sid, [STATUS]), w.data_frame(sid, b"first-part"))
+    w.send_frame(w.headers_frame(sid, [STATUS]), w.data_frame(sid, b"first-part"))
     r = c.getresponse()
     assert r.status == 200 and r.getheader("transfer-encoding") == "chunked"
     assert r.read1(100) == b"first-part"  # type: ignore[attr-defined]
     rst = RstStreamFrame(sid)
     rst.error_code = ErrorCodes.INTERNAL_ERROR
-    w.send(rst)
+    w.send_frame(rst)
     with pytest.raises(http.client.IncompleteRead):  # no terminating chunk, connection closed
         r.read()
     assert_tunnel_intact(env, w, worker_id)
@@ -291,12 +290,12 @@ def _detach_recorder(env: Env, **kw: Any) -> threading.Event:
     return detached
 
 
-def test_push_promise_is_a_connection_error(env: Env, make_raw: Callable[..., RawWorker]) -> None:
-    def push(w: RawWorker, sid: int, req: Request) -> None:
+def test_push_promise_is_a_connection_error(env: Env, make_raw: Callable[..., WorkerPeer]) -> None:
+    def push(w: WorkerPeer, sid: int, req: Request) -> None:
         pp = PushPromiseFrame(sid, promised_stream_id=2, flags=["END_HEADERS"])
         pp.data = w.encoder.encode([(b":method", b"GET"), (b":scheme", b"https"), (b":authority", b"x"),
                                     (b":path", b"/pushed")])
-        w.send(pp)
+        w.send_frame(pp)
 
     detached = _detach_recorder(env)
     w = make_raw(scripted({"/hold": hold, "/push": push}))
@@ -314,7 +313,7 @@ def test_push_promise_is_a_connection_error(env: Env, make_raw: Callable[..., Ra
 
 
 @pytest.mark.parametrize("kind", ["ping", "settings"])
-def test_control_frame_flood_gets_enhance_your_calm(env: Env, make_raw: Callable[..., RawWorker],
+def test_control_frame_flood_gets_enhance_your_calm(env: Env, make_raw: Callable[..., WorkerPeer],
                                                     kind: str) -> None:
     detached = _detach_recorder(env, control_frame_burst=200, control_frame_rate=50)
     w = make_raw(scripted({"/hold": hold}))
@@ -322,15 +321,15 @@ def test_control_frame_flood_gets_enhance_your_calm(env: Env, make_raw: Callable
     w.wait_request("/hold")
     # a few control frames are fine
     for i in range(20):
-        w.ping(b"ok-%05d" % i)
-    w.send(SettingsFrame(0, settings={SettingsFrame.MAX_CONCURRENT_STREAMS: 100}))
+        w.send_ping(b"ok-%05d" % i)
+    w.send_frame(SettingsFrame(0, settings={SettingsFrame.MAX_CONCURRENT_STREAMS: 100}))
     w.wait_until(lambda: len([f for f in w.find(PingFrame) if "ACK" in f.flags]) >= 20, what="20 PING ACKs")
     assert env.proxy.workers() and w.goaways() == []
     t0 = time.monotonic()
     if kind == "ping":
-        w.send(*[PingFrame(0, opaque_data=b"%08d" % i) for i in range(1000)])
+        w.send_frame(*[PingFrame(0, opaque_data=b"%08d" % i) for i in range(1000)])
     else:
-        w.send(*[SettingsFrame(0, settings={SettingsFrame.INITIAL_WINDOW_SIZE: 65535 + i}) for i in range(1000)])
+        w.send_frame(*[SettingsFrame(0, settings={SettingsFrame.INITIAL_WINDOW_SIZE: 65535 + i}) for i in range(1000)])
     goaway = w.wait_goaway()
     assert goaway.error_code == ErrorCodes.ENHANCE_YOUR_CALM
     assert detached.wait(WAIT) and time.monotonic() - t0 < 1.0
@@ -339,29 +338,3 @@ def test_control_frame_flood_gets_enhance_your_calm(env: Env, make_raw: Callable
     acks = [f for f in w.find(PingFrame if kind == "ping" else SettingsFrame) if "ACK" in f.flags]
     assert len(acks) <= 200 + 25  # never more replies than the burst allows (+ the polite ones)
     w.wait_closed()
-
-
-def test_flood_guard_token_bucket_refills() -> None:
-    """The core's bucket, sans I/O: a burst, a refill at the sustained rate, then a flood."""
-    proto = TunnelProtocol("client", ProxyOptions(cert="c", key="k", workers_ca="ca", control_frame_rate=10,
-                                                  control_frame_burst=5, ping_interval=3600))
-    proto.initiate(0.0)
-    proto.data_to_send()
-    settings = SettingsFrame(0).serialize()  # the first SETTINGS costs one token too
-    proto.receive(PREFACE + settings, 0.0)
-
-    def pings(n: int) -> bytes:
-        return b"".join(PingFrame(0, opaque_data=b"%08d" % i).serialize() for i in range(n))
-
-    proto.receive(pings(4), 0.0)  # 5 tokens used
-    proto.receive(pings(5), 0.5)  # 0.5 s at 10/s refilled 5
-    proto.receive(pings(5), 10.0)  # refill is capped at the burst
-    with pytest.raises(ProtocolViolation) as exc:
-        proto.receive(pings(1), 10.0)
-    assert exc.value.error_code == ErrorCodes.ENHANCE_YOUR_CALM
-    assert proto.goaway_sent
-    unlimited = TunnelProtocol("client", ProxyOptions(cert="c", key="k", workers_ca="ca", control_frame_rate=0,
-                                                      ping_interval=3600))
-    unlimited.initiate(0.0)
-    unlimited.receive(PREFACE + settings + pings(5000), 0.0)  # 0 = no limit
-

@@ -1,5 +1,5 @@
-"""Faults around the proxy (issue 6, proxy side): a killed worker process, a proxy
-restart under load, a black-holed network path.
+"""Faults around the proxy: a killed worker process, a proxy restart under load, a
+black-holed network path.
 
 Figures (detach latency, reconnect spread, detection times) are logged on the
 ``rhttp_wsgi.tests.faults`` logger and attached to the JUnit report with
@@ -11,6 +11,7 @@ from __future__ import annotations
 import http.client
 import logging
 import os
+import random
 import select
 import signal
 import socket
@@ -45,7 +46,7 @@ RecordProperty = Callable[[str, object], None]
 
 
 # ---------------------------------------------------------------------------
-# 18. kill -9 a worker process mid-request
+# kill -9 a worker process mid-request
 # ---------------------------------------------------------------------------
 
 
@@ -148,7 +149,7 @@ def test_kill_9_worker_mid_request(env: Env, processes: list[WorkerProcess], tmp
 
 
 # ---------------------------------------------------------------------------
-# 19. proxy restart with 4 workers x 2 tunnels under a GET loop
+# proxy restart with 4 workers x 2 tunnels under a GET loop
 # ---------------------------------------------------------------------------
 
 
@@ -190,8 +191,20 @@ def test_proxy_restart_under_load_loses_no_request(env: Env, record_property: Re
     attach_times: list[float] = []
     proxy_a = env.start_proxy()
     tunnel_port, public = env.tunnel_port, env.public
-    pools = [env.start_worker(hello_app, name, connections=2, reconnect_min=0.1, reconnect_max=0.8)
-             for name in ("worker", "alpha", "beta", "gamma")]
+    names = ("worker", "alpha", "beta", "gamma")
+    draws: dict[str, list[float]] = {name: [] for name in names}
+
+    def recorded(out: list[float]) -> Callable[[], float]:
+        """The pool's jitter source, recorded: each redial delay it picks draws from it."""
+        def rng() -> float:
+            out.append(random.random())
+            return out[-1]
+        return rng
+
+    pools = [env.start_worker(hello_app, name, connections=2, reconnect_min=0.1, reconnect_max=0.8,
+                              rng=recorded(draws[name]))
+             for name in names]
+    assert not any(draws.values())  # (a first dial is never delayed)
     assert proxy_a.wait_for_workers(8, WAIT)
     loop = GetLoop(public)
     loop.thread.start()
@@ -223,7 +236,10 @@ def test_proxy_restart_under_load_loses_no_request(env: Env, record_property: Re
     assert not bad, f"{len(bad)} requests reached a proxy and failed: {bad[:10]}"
     assert len(reconnect) == 8
     assert reconnect[-1] < 2000
-    assert reconnect[-1] - reconnect[0] > 1.0, reconnect  # spread by jitter, not in lockstep
+    # Spread by jitter, not in lockstep: every tunnel's redial (refused while no proxy listened)
+    # waited a delay drawn from its pool's jitter source.  (The delays are observed where they are
+    # chosen: measured reattach times would only bound them from below by luck.)
+    assert all(len(draws[name]) >= 2 for name in names), {n: len(d) for n, d in draws.items()}
     figures = {"reconnect_min_ms": round(reconnect[0], 1),
                "reconnect_median_ms": round(statistics.median(reconnect), 1),
                "reconnect_max_ms": round(reconnect[-1], 1), "requests_ok": len(loop.responses),
@@ -238,7 +254,7 @@ def test_proxy_restart_under_load_loses_no_request(env: Env, record_property: Re
 
 
 # ---------------------------------------------------------------------------
-# 20. a black-holed path: PING liveness on both sides
+# a black-holed path: PING liveness on both sides
 # ---------------------------------------------------------------------------
 
 

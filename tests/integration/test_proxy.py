@@ -14,8 +14,7 @@ from typing import Any
 import pytest
 
 from rhttp_wsgi.balancing import by_common_name
-from rhttp_wsgi.errors import MTLSRequiredError
-from rhttp_wsgi.proxy import Proxy
+from tests.h2peer import Request, WorkerPeer
 
 from .proxy_fixtures import (  # noqa: F401  (fixtures)
     WAIT,
@@ -27,7 +26,6 @@ from .proxy_fixtures import (  # noqa: F401  (fixtures)
     read_until_close,
     wait_until,
 )
-from .raw_worker import RawWorker, Request
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -100,11 +98,6 @@ def test_no_worker_503_with_retry_after(env: Env) -> None:
     assert status == 503
     assert headers["retry-after"] == "7"
     assert b"no worker" in body
-
-
-def test_mtls_required() -> None:
-    with pytest.raises(MTLSRequiredError):
-        Proxy(cert="x", key="y")
 
 
 def test_selector_by_common_name(env: Env) -> None:
@@ -668,17 +661,17 @@ def test_response_header_http11_cannot_carry_is_502(env: Env, caplog: pytest.Log
     """A value valid in HTTP/2 but not in HTTP/1.1 (VT, FF): the client gets a 502 and the log says why."""
     caplog.set_level(logging.WARNING, "rhttp_wsgi")
 
-    def responder(w: RawWorker, sid: int, req: Request) -> None:
+    def responder(w: WorkerPeer, sid: int, req: Request) -> None:
         headers = [(b":status", b"200"), (b"x-vt", b"a\x0bb")]
         if whole:
-            w.send(w.headers_frame(sid, [*headers, (b"content-length", b"2")]),
+            w.send_frame(w.headers_frame(sid, [*headers, (b"content-length", b"2")]),
                    w.data_frame(sid, b"ok", end_stream=True))
         else:  # headers first, the body later: the streamed path
-            w.send(w.headers_frame(sid, headers), w.data_frame(sid, b"o"))
+            w.send_frame(w.headers_frame(sid, headers), w.data_frame(sid, b"o"))
 
     env.start_proxy()
     cert, key = env.pki.workers["worker"]
-    w = RawWorker(env.tunnel_port, str(cert), str(key), str(env.pki.ca_cert), responder=responder)
+    w = WorkerPeer(env.tunnel_port, str(cert), str(key), str(env.pki.ca_cert), responder=responder)
     try:
         assert env.proxy.wait_for_workers(1, WAIT)
         s = env.raw()

@@ -8,7 +8,7 @@ request.  RFC 9113 §6.4 would let the worker treat that as a connection error,
 which dropped every tunnel the retries reached (everyone got 503 until the
 workers redialled); the worker ignores such frames (as h2 does) and keeps
 serving on the same tunnels.  (Frame by frame: tests/unit/test_h2core_limits.py
-and tests/unit/test_abuse_worker.py, ``test_16_*``.)
+and tests/tunnel/test_abuse_worker.py, ``test_haproxy_resets_on_streams_it_never_opened_*``.)
 """
 
 from __future__ import annotations

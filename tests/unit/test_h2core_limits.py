@@ -1,6 +1,8 @@
 """Bounds a peer cannot get around, and leniency that costs it budget: the flood guard (RST_STREAM on
-idle streams, 1xx responses), the HPACK encoder's table, the soft header limits (reported, not
-answered), the configuration and the rate limiter.
+idle streams, 1xx responses, control frames), the HPACK encoder's table, the soft header limits
+(reported, not answered), memory under a CONTINUATION flood or an HPACK bomb, the configuration and
+the rate limiter.  (The same attacks over the wire, against a real worker tunnel:
+``tests/tunnel/test_abuse_worker.py``.)
 
 The harness (our end, raw frames from the peer, h2 as the reference) is ``h2core_harness.py``.
 """
@@ -9,19 +11,25 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import tracemalloc
+from collections.abc import Callable
 
 import h2.events as ev
+import hpack
 import pytest
 from h2.errors import ErrorCodes as E
 from h2.settings import SettingCodes as S
 
 from rhttp_wsgi._h2core import H2Config, HeadersOverLimit, RateLimiter
-from rhttp_wsgi._protocol import core_config
+from rhttp_wsgi._protocol import PREFACE, TunnelProtocol, core_config
+from rhttp_wsgi.errors import ProtocolViolation
+from tests.h2peer import hpack_bomb
 from tests.unit.h2core_harness import (
     CONTINUATION,
     DATA,
     END_HEADERS,
     END_STREAM,
+    GOAWAY,
     HEADERS,
     REQ,
     RESP,
@@ -33,6 +41,8 @@ from tests.unit.h2core_harness import (
     frame,
     of,
     options,
+    parse,
+    ping,
     rst,
     settings,
 )
@@ -227,6 +237,78 @@ def test_the_proxy_role_has_no_soft_header_limits() -> None:
 
 
 # ===================================================================================================
+# Memory under a flood: the worker's protocol object, measured under tracemalloc
+# ===================================================================================================
+
+MB = 1 << 20
+
+
+def server_core() -> TunnelProtocol:
+    """The worker's sans-I/O protocol after the handshake."""
+    proto = TunnelProtocol("server", options("server"))
+    proto.initiate(0.0)
+    proto.data_to_send()
+    proto.receive(settings(), 0.0)
+    proto.data_to_send()
+    return proto
+
+
+def traced_peak(fn: Callable[[], None]) -> int:
+    """Peak bytes allocated (above the start) while ``fn`` runs."""
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base, _ = tracemalloc.get_traced_memory()
+        fn()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return peak - base
+
+
+def test_continuation_flood_memory_stays_flat() -> None:
+    proto = server_core()
+    head = frame(HEADERS, END_STREAM, 1, hpack.Encoder().encode(REQ))
+    chunk = frame(CONTINUATION, 0, 1, b"\x00" * 16000) * 4
+    fed = [0]
+    errors: list[ProtocolViolation] = []
+
+    def feed() -> None:
+        try:
+            proto.receive(head, 0.0)
+            while fed[0] < 10 * MB:
+                proto.receive(chunk, 0.0)
+                fed[0] += len(chunk)
+        except ProtocolViolation as e:
+            errors.append(e)
+
+    peak = traced_peak(feed)
+    assert errors and errors[0].error_code == E.ENHANCE_YOUR_CALM
+    assert fed[0] <= 4 * 65536, "refused once the block passed 4 x max_header_list_size"
+    assert peak < 2 * MB, f"peak {peak} bytes while 10 MB were offered"
+
+
+def test_hpack_bomb_is_refused_without_expanding() -> None:
+    proto = server_core()
+    first, second = hpack_bomb(hpack.Encoder(), REQ, refs=1000)  # ~4 MB once expanded
+    events = proto.receive(frame(HEADERS, END_HEADERS | END_STREAM, 1, first), 0.0)
+    assert any(type(e).__name__ == "RequestReceived" for e in events)
+    bomb = frame(HEADERS, END_HEADERS | END_STREAM, 3, second)
+    errors: list[ProtocolViolation] = []
+
+    def feed() -> None:
+        try:
+            proto.receive(bomb, 0.0)
+        except ProtocolViolation as e:
+            errors.append(e)
+
+    peak = traced_peak(feed)
+    assert errors and errors[0].error_code == E.ENHANCE_YOUR_CALM
+    assert peak < MB // 2, f"peak {peak} bytes: the bomb was expanded"
+    assert any(f.type == GOAWAY for f in parse(proto.data_to_send()))
+
+
+# ===================================================================================================
 # Configuration and the rate limiter
 # ===================================================================================================
 
@@ -270,3 +352,27 @@ def test_no_flood_guard_when_the_rate_is_zero() -> None:
     r = Raw("server", options("server", control_frame_rate=0))
     assert r.feed(*(rst(sid, E.CANCEL) for sid in range(1, 4001, 2))) == []
     assert not r.core.closed and not [f for f in r.out() if f.type != DATA]
+
+
+def test_control_frame_flood_guard_is_a_token_bucket_that_refills() -> None:
+    """The core's bucket, sans I/O: a burst, a refill at the sustained rate, then a flood."""
+    proto = TunnelProtocol("client", options("client", control_frame_rate=10, control_frame_burst=5,
+                                             ping_interval=3600))
+    proto.initiate(0.0)
+    proto.data_to_send()
+    first = settings()  # the first SETTINGS costs one token too
+    proto.receive(PREFACE + first, 0.0)
+
+    def pings(n: int) -> bytes:
+        return b"".join(ping(b"%08d" % i) for i in range(n))
+
+    proto.receive(pings(4), 0.0)  # 5 tokens used
+    proto.receive(pings(5), 0.5)  # 0.5 s at 10/s refilled 5
+    proto.receive(pings(5), 10.0)  # refill is capped at the burst
+    with pytest.raises(ProtocolViolation) as exc:
+        proto.receive(pings(1), 10.0)
+    assert exc.value.error_code == E.ENHANCE_YOUR_CALM
+    assert proto.goaway_sent
+    unlimited = TunnelProtocol("client", options("client", control_frame_rate=0, ping_interval=3600))
+    unlimited.initiate(0.0)
+    unlimited.receive(PREFACE + first + pings(5000), 0.0)  # 0 = no limit

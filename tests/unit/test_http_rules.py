@@ -1,8 +1,9 @@
-"""The HTTP rules of ``rhttp_wsgi._http`` and the shared helpers of ``rhttp_wsgi._io``, on their own."""
+"""The HTTP rules of ``rhttp_wsgi._http`` and the shared helpers of ``rhttp_wsgi._io``, on their own.
+
+(The peer-closed probe on a real socket: ``tests/integration/test_peer_closed_probe.py``.)
+"""
 
 from __future__ import annotations
-
-import socket
 
 import pytest
 
@@ -15,7 +16,7 @@ from rhttp_wsgi._http import (
     parse_content_length,
     reason_phrase,
 )
-from rhttp_wsgi._io import POLLRDHUP, body_wait, peer_closed
+from rhttp_wsgi._io import body_wait
 
 
 @pytest.mark.parametrize("value", [b"0", b"007", b"123456789012345678", "42"])
@@ -82,17 +83,3 @@ def test_body_wait_allowance() -> None:
     assert body_wait(100.0, 100, 5.0, 500, 110.0) == 0.0
     # in between: the rate cuts the wait below the idle bound
     assert body_wait(100.0, 500, 5.0, 500, 104.0) == pytest.approx(2.0)
-
-
-@pytest.mark.skipif(not POLLRDHUP, reason="POLLRDHUP is Linux-only")
-def test_peer_closed_probe_never_reads() -> None:
-    a, b = socket.socketpair()
-    try:
-        b.sendall(b"pipelined")
-        assert not peer_closed(a)
-        b.close()
-        assert peer_closed(a)
-        assert a.recv(100) == b"pipelined"  # the probe left the bytes queued
-    finally:
-        a.close()
-    assert peer_closed(a)  # a closed socket counts as gone

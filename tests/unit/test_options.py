@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from rhttp_wsgi import MTLSRequiredError, WorkerPool
 from rhttp_wsgi.balancing import LeastInFlight, RoundRobin, resolve_selector
 from rhttp_wsgi.cli import _add_option_flags, _collect, build_parser
 from rhttp_wsgi.errors import ConfigError
@@ -18,11 +20,14 @@ from rhttp_wsgi.options import (
     TunnelOptions,
     WorkerOptions,
     _opt,
+    option_fields,
     option_kind,
     options_from_environ,
     parse_option,
     settings_reference,
 )
+from rhttp_wsgi.pki import DemoPKI
+from rhttp_wsgi.proxy import Proxy
 
 PROXY_REQUIRED = {"cert": "c", "key": "k", "workers_ca": "ca"}
 
@@ -154,3 +159,80 @@ def test_settings_reference_documents_list_options() -> None:
     assert "| `proxies` | `--proxies` (repeatable) | `RHTTP_PROXIES` (comma-separated) | none |" in text
     assert "| `ports` | `--ports` (repeatable) | `RHTTP_PORTS` (comma-separated) | (8443,) |" in text
     assert "A list option" not in settings_reference()  # none of the real options is one yet
+
+
+ABUSE_LIMITS = {
+    # the worker's limits against a hostile proxy (tests/tunnel/test_abuse_worker.py)
+    # option: (default, an invalid value)
+    "max_header_count": (100, 0),
+    "max_body_size": (0, -1),
+    "body_timeout": (60.0, -1.0),
+    "body_min_rate": (500, -1),
+    "send_timeout": (60.0, -1.0),
+    "request_timeout": (0.0, -1.0),
+    "max_resets": (500, -1),
+    "control_frame_rate": (100.0, -1.0),
+    "control_frame_burst": (1000, 0),
+    "max_output_backlog": (1 << 20, 1000),
+}
+
+
+@pytest.mark.parametrize("name", list(ABUSE_LIMITS))
+def test_every_abuse_limit_is_a_validated_documented_option(name: str) -> None:
+    base = {"proxy": "127.0.0.1:8443", "cert": "w.crt", "key": "w.key"}
+    default, bad = ABUSE_LIMITS[name]
+    assert getattr(WorkerOptions(**base), name) == default
+    with pytest.raises(ConfigError) as info:
+        WorkerOptions(**base, **{name: bad})
+    assert info.value.option == name
+    field = {f.name: f for f in option_fields(WorkerOptions)}[name]
+    assert len(field.metadata["help"]) > 40
+    assert f"`{name}`" in settings_reference()
+
+
+# -- the public constructors refuse bad configuration, naming the option ------------------------
+
+
+def _app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+    start_response("200 OK", [])
+    return [b""]
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> DemoPKI:
+    return DemoPKI.create(tmp_path / "pki", worker_names=("worker",))
+
+
+def test_mtls_required() -> None:
+    with pytest.raises(MTLSRequiredError):
+        Proxy(cert="x", key="y")
+
+
+def test_missing_client_certificate_is_a_dedicated_error(pki: DemoPKI) -> None:
+    with pytest.raises(MTLSRequiredError):
+        WorkerPool(_app, proxy="127.0.0.1:1", ca=str(pki.ca_cert))
+    assert issubclass(MTLSRequiredError, ValueError)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "option"),
+    [
+        ({"proxy": "nohost"}, "proxy"),
+        ({"proxy": "h:99999"}, "proxy"),
+        ({"connections": 0}, "connections"),
+        ({"threads": 0}, "threads"),
+        ({"max_concurrent_streams": 0}, "max_concurrent_streams"),
+        ({"ping_interval": 0}, "ping_interval"),
+        ({"url_scheme": "ftp"}, "url_scheme"),
+        ({"initial_window_size": 2**31}, "initial_window_size"),
+        ({"ca": "/nonexistent/ca.pem"}, "ca"),
+    ],
+)
+def test_invalid_options_name_the_option(pki: DemoPKI, kwargs: dict[str, object], option: str) -> None:
+    cert, key = pki.workers["worker"]
+    base: dict[str, object] = {"proxy": "127.0.0.1:8443", "cert": str(cert), "key": str(key)}
+    base.update(kwargs)
+    with pytest.raises(ConfigError) as info:
+        WorkerPool(_app, **base)
+    assert info.value.option == option
+    assert str(info.value).startswith(option)

@@ -4,7 +4,8 @@ That is only sound because ``wsgi._encode_headers`` already guarantees everythin
 outbound pass would do or check: these tests prove that h2's pass is the identity on
 every header list ``_encode_headers`` accepts (same names, values, order and
 never-indexed marks), that what it produces is wire-valid (RFC 9113 §8.2), and that only
-the worker (server) role drops the outbound pass while inbound checks stay on.
+the worker (server) role drops the outbound pass while inbound checks stay on.  (What an
+app's headers become on the wire: ``tests/tunnel/test_worker_protocol.py``.)
 """
 
 from __future__ import annotations
@@ -111,23 +112,7 @@ def test_only_the_worker_role_skips_outbound_checks() -> None:
     # Inbound checks have no switch: every RFC 9113 check runs in both roles.
 
 
-def test_tricky_app_headers_on_the_wire(make_worker: Any) -> None:
-    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
-        start_response("200 OK", [("X-Mixed-CASE", "  v \t"), ("Connection", "close"), ("TE", "gzip"),
-                                  ("Authorization", "secret"), ("Content-Length", "2")])
-        return [b"ok"]
-
-    h = make_worker(app)
-    h.peer.request(1, "GET", "/")
-    r = h.peer.response(1)
-    assert r.status == 200 and r.body == b"ok"
-    assert ("x-mixed-case", "v") in r.headers
-    assert ("authorization", "secret") in r.headers
-    assert not {"connection", "te"} & set(r.header_names())
-    assert all(n == n.lower() for n in r.header_names())
-
-
-# -- _encode_headers fast path (issue 7): the caches never change the result ---------------------
+# -- _encode_headers fast path: the caches never change the result ----------------------------------
 
 
 def _cold(status: str, headers: list[Any]) -> Any:

@@ -1,7 +1,7 @@
 """The worker's stream seam (``rhttp_wsgi.streams``): what a new stream becomes, and the limits it answers.
 
 Driven over the wire: a real worker-role tunnel and its ``StreamPolicy`` against the
-raw-frame peer of ``peer.py``.  (The 431/413/timeout behaviours themselves are proved
+raw-frame peer of ``tests/h2peer.py``.  (The 431/413/timeout behaviours themselves are proved
 in ``test_abuse_worker.py``; here: the routing, and the policy's per-stream limits.)
 """
 
@@ -16,7 +16,8 @@ from hyperframe.frame import DataFrame, HeadersFrame, RstStreamFrame
 
 from rhttp_wsgi._tunnel import Channel
 from rhttp_wsgi.wsgi import WSGIContext
-from tests.unit.peer import DEFAULT_TIMEOUT, worker_options
+from tests.h2peer import DEFAULT_TIMEOUT
+from tests.tunnel.harness import FakeClock, worker_options
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -51,16 +52,6 @@ def test_a_connect_goes_to_the_handler_registered_for_it(make_worker: Any) -> No
     assert p.response(3).body == b"hello GET"
 
 
-class FakeClock:
-    """The tunnel's clock, moved by the test."""
-
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
 def test_the_request_limits_do_not_apply_to_a_tunnelled_stream(make_worker: Any) -> None:
     """request_timeout and max_body_size bound requests; a CONNECT stream may outlive and outgrow them."""
     def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
@@ -76,7 +67,7 @@ def test_the_request_limits_do_not_apply_to_a_tunnelled_stream(make_worker: Any)
     p.request(3, "POST", "/", end_stream=False)  # a request, with the same limits armed
     p.send_data(1, b"x" * 100)  # 10 times max_body_size
     p.wait_for(lambda f: isinstance(f, DataFrame) and f.stream_id == 1)
-    clock.t += 1.0  # past request_timeout, as the tunnel sees time
+    clock.advance(1.0)  # past request_timeout, as the tunnel sees time
     p.barrier()  # (the writer ran its timers before it sent the PING ACK)
     assert p.wait_rst(3).error_code == ErrorCodes.CANCEL  # the request timed out ...
     p.send_data(1, b"y" * 100, end_stream=True)  # ... the tunnelled stream did not

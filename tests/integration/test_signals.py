@@ -1,4 +1,4 @@
-"""The stop-signal wait shared by the CLI and WorkerPool.serve_forever."""
+"""The stop-signal wait shared by the CLI and WorkerPool.serve_forever: real signals, sent from a thread."""
 
 from __future__ import annotations
 

@@ -1,41 +1,49 @@
-"""An in-memory HTTP/2 peer that plays the *proxy* against a worker-role tunnel.
+"""Raw-frame HTTP/2 test peers: one frame machine, two roles.
 
-The worker side is the real thing: ``Tunnel(sock_a, None, TunnelProtocol("server", options), options)``
-running its reader/writer threads over one end of a ``socket.socketpair()``
-(plaintext: ``tls=None``), with the worker's :class:`StreamPolicy` handing streams
-to an :class:`AppThreadPool` (running :func:`run_wsgi` for a request).  The
-other end is driven by :class:`H2Peer`, which speaks raw frames built with
-``hyperframe`` and an ``hpack.Encoder``, so a test can send exactly the bytes it
-wants (split header blocks, interleaved frames, tiny windows, bogus first
-frames) and look at exactly the frames that come back.
+A test that must send exactly the bytes it wants (split header blocks,
+interleaved frames, tiny windows, bogus first frames, malformed responses,
+floods) and look at exactly the frames that come back talks to the real thing
+through one of these peers.  Frames are built with ``hyperframe`` and an
+``hpack.Encoder`` that validates nothing (no lower-casing, no CR/LF check);
+no rhttp_wsgi code runs on the peer's side.
 
-What the peer does on its own (each can be switched off):
+* :class:`ProxyPeer` plays the *proxy* against a worker-role tunnel
+  (``tests/tunnel``: the worker's ``Tunnel`` on the other end of a
+  ``socket.socketpair()``, plaintext).  It reads the worker's client preface
+  (the proxy never sends one), sends requests and assembles responses.
+* :class:`WorkerPeer` plays the *worker* against the real proxy
+  (``tests/integration``): it dials the tunnel listener over real mTLS, sends
+  the client preface and its SETTINGS, and hands every complete request to
+  ``responder(peer, stream_id, request)`` on its reader thread (the default,
+  :func:`answer_ok`, answers ``200`` with ``ok <path>``; a responder that
+  returns without answering leaves the stream open for the test).
 
-* reads the worker's client preface (``peer.preface``) -- the proxy never sends one;
-* ACKs the worker's SETTINGS (``auto_ack_settings``), but never before its own
-  SETTINGS went out (the worker requires SETTINGS as the first frame);
-* returns flow-control credit for every DATA frame it receives (``auto_window``);
-* ACKs the worker's PINGs (``auto_ack_ping``; off in a bare ``H2Peer``, on in
-  ``WorkerHarness`` unless a test wants to watch liveness fail).
+What both do on their own (each can be switched off):
 
-It also *checks* the worker continuously and records anything wrong in
-``peer.violations`` (the harness asserts the list is empty at teardown): a bad
-preface, DATA beyond the window the peer granted, frames larger than the
-peer's MAX_FRAME_SIZE, a frame inside another stream's header block, a stray
+* ACK the other side's SETTINGS (``auto_ack_settings``), but never before their
+  own SETTINGS went out (the other side requires SETTINGS as the first frame);
+* ACK its PINGs (``auto_ack_ping``);
+* return flow-control credit for every DATA frame received (``auto_window``);
+* decode every header block (HEADERS + CONTINUATIONs): the HEADERS frame gets
+  ``.decoded`` (a list of ``(str, str)``) once its block is complete, ``None``
+  before, and ``.block_frames`` (how many frames the block took).
+
+They also *check* the other side continuously and record anything wrong in
+``violations`` (the tunnel harness asserts the list is empty at teardown): a
+bad preface, DATA beyond the window granted, frames larger than our
+MAX_FRAME_SIZE, a frame inside another stream's header block, a stray
 CONTINUATION, a header block that does not HPACK-decode, an unparsable frame.
 
-Typical use (``make_worker`` is a fixture, see ``conftest.py``)::
+Every wait is bounded and condition-based: ``wait_for(pred, timeout)`` blocks
+on a condition variable that the reader thread notifies per frame;
+``barrier()`` sends a PING and waits for its ACK, which proves the other side
+processed everything sent before it (frames are handled in order by one
+reader, and their replies are queued in order).
 
-    h = make_worker(app, options=worker_options(...), peer_settings={S.INITIAL_WINDOW_SIZE: 10})
-    h.peer.request(1, "POST", "/x", body=b"abc")
-    r = h.peer.response(1)                      # status, headers, body, trailers, reset
-    h.peer.wait_for(lambda f: isinstance(f, RstStreamFrame) and f.stream_id == 3, timeout=5)
-
-Every wait is bounded and condition-based: ``wait_for(pred, timeout)`` blocks on
-a condition variable that the reader thread notifies per frame; ``barrier()``
-sends a PING and waits for its ACK, which proves the worker has processed
-everything sent before it (frames are handled in order by one reader thread,
-and their replies are queued in order).
+Threads: one reader per peer.  Over TLS, ``TLSSession`` is not thread-safe:
+the transport's ``tls_lock`` guards every encrypt/decrypt, and its
+``send_lock`` keeps encrypt + ``sendall`` in order (a record encrypted first is
+sent first); the reader never takes ``send_lock`` while it holds ``tls_lock``.
 """
 
 from __future__ import annotations
@@ -43,13 +51,11 @@ from __future__ import annotations
 import itertools
 import socket
 import threading
-import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import hpack
-import pytest
 from h2.errors import ErrorCodes
 from hyperframe.frame import (
     ContinuationFrame,
@@ -63,25 +69,27 @@ from hyperframe.frame import (
     WindowUpdateFrame,
 )
 
-from rhttp_wsgi._pool import AppThreadPool
-from rhttp_wsgi._protocol import PREFACE, TunnelProtocol
-from rhttp_wsgi._tunnel import Tunnel
-from rhttp_wsgi.options import WorkerOptions
-from rhttp_wsgi.streams import StreamPolicy
-from rhttp_wsgi.wsgi import WSGIContext
+from rhttp_wsgi._protocol import PREFACE
+from rhttp_wsgi.tls import TLSSession, client_context
 
 __all__ = [
     "DEFAULT_TIMEOUT",
-    "H2Peer",
+    "DEFAULT_WINDOW",
+    "ProxyPeer",
+    "RawPeer",
+    "Request",
+    "Responder",
     "Response",
     "S",
-    "WorkerHarness",
-    "make_worker",
-    "worker_options",
+    "WorkerPeer",
+    "answer_ok",
+    "hpack_bomb",
 ]
 
 DEFAULT_TIMEOUT = 5.0
 DEFAULT_WINDOW = 65535
+
+Fields = Iterable[tuple[str | bytes, str | bytes]]
 
 
 class S:
@@ -99,9 +107,72 @@ def _b(v: str | bytes) -> bytes:
     return v if isinstance(v, bytes) else v.encode("latin-1")
 
 
+def hpack_bomb(encoder: hpack.Encoder, fields: Fields, refs: int) -> tuple[bytes, bytes]:
+    """Two header blocks of ``fields``: the first puts a ~4 KB ``x-bomb`` value in the dynamic table,
+    the second refers to it ``refs`` times (one byte each: ~4 KB per byte once expanded)."""
+    base = [(_b(k), _b(v)) for k, v in fields]
+    first = encoder.encode([*base, (b"x-bomb", b"b" * 4000)])
+    # the newest dynamic entry is index 62; each reference is one byte
+    second = encoder.encode(base) + bytes([0x80 | 62]) * refs
+    check = hpack.Decoder(max_header_list_size=1 << 30)
+    check.decode(first)
+    expanded: list[Any] = list(check.decode(second))
+    assert expanded.count(("x-bomb", "b" * 4000)) == refs  # it really is a bomb
+    return first, second
+
+
+# -- transports ----------------------------------------------------------------------------------
+
+
+class Transport(Protocol):
+    sock: socket.socket
+
+    def send(self, data: bytes) -> None: ...
+
+    def recv(self) -> bytes | None:
+        """Plaintext received (possibly empty); None at EOF."""
+
+
+class PlainTransport:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def recv(self) -> bytes | None:
+        return self.sock.recv(65536) or None
+
+
+class TLSTransport:
+    """A finished client-side ``TLSSession`` over ``sock`` (see the module docstring for the locks)."""
+
+    def __init__(self, sock: socket.socket, session: TLSSession) -> None:
+        self.sock = sock
+        self.session = session
+        self.tls_lock = threading.Lock()
+        self.send_lock = threading.Lock()
+
+    def send(self, data: bytes) -> None:
+        with self.send_lock:
+            with self.tls_lock:
+                cipher = self.session.encrypt(data)
+            self.sock.sendall(cipher)
+
+    def recv(self) -> bytes | None:
+        data = self.sock.recv(65536)
+        if not data:
+            return None
+        with self.tls_lock:
+            return self.session.decrypt(data)
+
+
+# -- what came in on a stream -----------------------------------------------------------------------
+
+
 @dataclass
 class Response:
-    """One stream's answer as the peer saw it."""
+    """One stream's answer as the proxy-role peer saw it."""
 
     stream_id: int
     status: int | None = None
@@ -123,19 +194,46 @@ class Response:
         return [k for k, _ in self.headers]
 
 
-class H2Peer:
-    """Raw-frame HTTP/2 peer in the proxy role (no preface, HTTP/2 client)."""
+@dataclass
+class Request:
+    """One request as the worker-role peer saw it."""
+
+    stream_id: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes = b""
+    ended: bool = False
+
+    def get(self, name: bytes) -> bytes | None:
+        return next((v for k, v in self.headers if k == name), None)
+
+    @property
+    def path(self) -> str:
+        return (self.get(b":path") or b"").decode("latin-1")
+
+
+# -- the frame machine ------------------------------------------------------------------------------
+
+
+class RawPeer:
+    """Raw-frame HTTP/2 peer over a transport: reading, bookkeeping, waiting, sending.
+
+    ``expect_preface``: the other side starts with the client preface (it is
+    the worker, which dials).  Subclasses add what their role does with
+    complete header blocks (:meth:`_received_locked`).
+    """
 
     def __init__(
         self,
-        sock: socket.socket,
+        transport: Transport,
         *,
+        expect_preface: bool,
         auto_ack_settings: bool = True,
         auto_ack_ping: bool = False,
         auto_window: bool = True,
         name: str = "peer",
     ) -> None:
-        self.sock = sock
+        self.transport = transport
+        self.sock = transport.sock
         self.name = name
         self.auto_ack_settings = auto_ack_settings
         self.auto_ack_ping = auto_ack_ping
@@ -144,27 +242,26 @@ class H2Peer:
         self.decoder = hpack.Decoder()
         self.cond = threading.Condition()
         self._send_lock = threading.Lock()
-        #: Every frame received, in order.  HEADERS frames get ``.decoded``
-        #: (list of (str, str)) once their block is complete, ``None`` before.
+        #: Every frame received, in order.
         self.frames: list[Frame] = []
-        #: Every byte received, preface included.
+        #: Every plaintext byte received, preface included.
         self.raw = bytearray()
-        self.preface: bytes | None = None
+        self.preface: bytes | None = None if expect_preface else b""
         self.eof = False
         self.read_error: BaseException | None = None
         self.violations: list[str] = []
-        # what the worker advertised (its first SETTINGS, updated by later ones)
-        self.worker_settings: dict[int, int] = {}
-        self.worker_settings_seen = False
+        # what the other side advertised (its first SETTINGS, updated by later ones)
+        self.remote_settings: dict[int, int] = {}
+        self.remote_settings_seen = False
         self.settings_acks = 0
         # what we advertised
         self.local_settings: dict[int, int] = {}
         self.local_initial_window = DEFAULT_WINDOW
         self.local_max_frame_size = 16384
-        # receive-side flow control (windows we granted to the worker)
+        # receive-side flow control (windows we granted)
         self.recv_conn_window = DEFAULT_WINDOW
         self.recv_stream_window: dict[int, int] = {}
-        # send-side flow control (windows the worker granted to us)
+        # send-side flow control (windows granted to us)
         self.send_conn_window = DEFAULT_WINDOW
         self.send_stream_window: dict[int, int] = {}
         self._block: list[Any] | None = None  # open header block (HEADERS + CONTINUATIONs)
@@ -173,11 +270,15 @@ class H2Peer:
         self._settings_sent = False
         self._ack_pending = False
         #: Cleared by pause_reading(): the reader stops calling recv() (a peer
-        #: that does not read, so the worker's output backs up).
+        #: that does not read, so the other side's output backs up).
         self._reading = threading.Event()
         self._reading.set()
 
     # -- lifecycle ---------------------------------------------------------
+
+    def start(self) -> RawPeer:
+        self._thread.start()
+        return self
 
     def pause_reading(self) -> None:
         """Stop reading from the socket (one recv() already in progress still completes)."""
@@ -185,19 +286,6 @@ class H2Peer:
 
     def resume_reading(self) -> None:
         self._reading.set()
-
-    def start(self) -> H2Peer:
-        self._thread.start()
-        return self
-
-    def handshake(self, settings: dict[int, int] | None = None, *, conn_window: int | None = None,
-                  timeout: float = DEFAULT_TIMEOUT) -> None:
-        """Send our SETTINGS (no preface), wait for the worker's SETTINGS and its ACK of ours."""
-        self.send_settings(settings or {})
-        if conn_window is not None and conn_window > DEFAULT_WINDOW:
-            self.send_window_update(0, conn_window - DEFAULT_WINDOW)
-        self.wait_until(lambda: self.worker_settings_seen and self.settings_acks >= 1, timeout,
-                        "worker SETTINGS and SETTINGS ACK")
 
     def close(self, timeout: float = DEFAULT_TIMEOUT) -> None:
         try:
@@ -211,17 +299,17 @@ class H2Peer:
             self.sock.close()
         except OSError:
             pass
-        assert not self._thread.is_alive(), "peer reader thread did not stop"
+        assert not self._thread.is_alive(), f"{self.name}: reader thread did not stop"
 
-    # -- reading -------------------------------------------------------------
+    # -- reading (reader thread) ------------------------------------------------
 
     def _reader(self) -> None:
         buf = bytearray()
         try:
             while True:
                 self._reading.wait()
-                data = self.sock.recv(65536)
-                if not data:
+                data = self.transport.recv()
+                if data is None:
                     break
                 buf += data
                 self.raw += data
@@ -246,12 +334,12 @@ class H2Peer:
                             f"{self.local_max_frame_size}")
                     frame.parse_body(memoryview(body))
                     self._on_frame(frame)
-        except OSError as e:
+        except OSError as e:  # a closed or reset socket: the end
             self.read_error = e
-        except Exception as e:  # a parse error is a worker bug
+        except Exception as e:  # a parse error (or a TLS alert) is the other side's doing
             self.read_error = e
             with self.cond:
-                self.violations.append(f"unparsable frame from worker: {e!r}")
+                self.violations.append(f"unparsable input from {self.name}'s peer: {e!r}")
         finally:
             with self.cond:
                 self.eof = True
@@ -259,16 +347,19 @@ class H2Peer:
 
     def _on_frame(self, f: Frame) -> None:
         replies: list[Frame] = []
+        then: Callable[[], None] | None = None
         with self.cond:
             if self._block is not None and not (
                 isinstance(f, ContinuationFrame) and f.stream_id == self._block[0].stream_id
             ):
                 self.violations.append(f"{f!r} inside a header block")
+            block: HeadersFrame | None = None  # the HEADERS frame whose block this frame completes
             if isinstance(f, HeadersFrame):
                 f.decoded = None  # type: ignore[attr-defined]
                 f.block_frames = 1  # type: ignore[attr-defined]
                 if "END_HEADERS" in f.flags:
                     self._decode(f, f.data)
+                    block = f
                 else:
                     self._block = [f]
             elif isinstance(f, ContinuationFrame):
@@ -277,9 +368,9 @@ class H2Peer:
                 else:
                     self._block.append(f)
                     if "END_HEADERS" in f.flags:
-                        first = self._block[0]
-                        first.block_frames = len(self._block)  # type: ignore[attr-defined]
-                        self._decode(first, b"".join(x.data for x in self._block))
+                        block = self._block[0]
+                        block.block_frames = len(self._block)  # type: ignore[union-attr]
+                        self._decode(block, b"".join(x.data for x in self._block))
                         self._block = None
             elif isinstance(f, DataFrame):
                 n = f.flow_controlled_length
@@ -300,16 +391,16 @@ class H2Peer:
                 if "ACK" in f.flags:
                     self.settings_acks += 1
                 else:
-                    old_iws = self.worker_settings.get(S.INITIAL_WINDOW_SIZE, DEFAULT_WINDOW)
-                    self.worker_settings.update(f.settings)
-                    self.worker_settings_seen = True
-                    delta = self.worker_settings.get(S.INITIAL_WINDOW_SIZE, DEFAULT_WINDOW) - old_iws
+                    old_iws = self.remote_settings.get(S.INITIAL_WINDOW_SIZE, DEFAULT_WINDOW)
+                    self.remote_settings.update(f.settings)
+                    self.remote_settings_seen = True
+                    delta = self.remote_settings.get(S.INITIAL_WINDOW_SIZE, DEFAULT_WINDOW) - old_iws
                     for sid in self.send_stream_window:
                         self.send_stream_window[sid] += delta
                     if S.HEADER_TABLE_SIZE in f.settings:
                         self.encoder.header_table_size = f.settings[S.HEADER_TABLE_SIZE]
                     if self.auto_ack_settings:
-                        # A real proxy writes its own SETTINGS before it reads
+                        # A real peer writes its own SETTINGS before it reads
                         # anything; never let our ACK overtake them.
                         if self._settings_sent:
                             replies.append(SettingsFrame(0, flags=["ACK"]))
@@ -324,12 +415,20 @@ class H2Peer:
                 if "ACK" not in f.flags and self.auto_ack_ping:
                     replies.append(PingFrame(0, opaque_data=f.opaque_data, flags=["ACK"]))
             self.frames.append(f)
+            then = self._received_locked(f, block)
             self.cond.notify_all()
         for r in replies:
             try:
                 self.send_frame(r)
             except OSError:
                 pass
+        if then is not None:
+            then()
+
+    def _received_locked(self, f: Frame, block: HeadersFrame | None) -> Callable[[], None] | None:
+        """Role hook, lock held: ``f`` was recorded; ``block`` is the HEADERS frame whose header block
+        ``f`` completed (else None).  May return a callable to run on the reader thread, lock released."""
+        return None
 
     def _decode(self, f: HeadersFrame, block: bytes) -> None:
         try:
@@ -345,7 +444,8 @@ class H2Peer:
     def wait_until(self, cond: Callable[[], bool], timeout: float = DEFAULT_TIMEOUT, what: str = "condition") -> None:
         with self.cond:
             if not self.cond.wait_for(cond, timeout):
-                raise AssertionError(f"timed out after {timeout}s waiting for {what}; frames: {self.dump()}")
+                raise AssertionError(f"{self.name}: timed out after {timeout}s waiting for {what}; "
+                                     f"frames: {self.dump()}")
 
     def wait_for(self, pred: Callable[[Frame], bool], timeout: float = DEFAULT_TIMEOUT, *, start: int = 0,
                  what: str | None = None) -> Frame:
@@ -362,9 +462,17 @@ class H2Peer:
         self.wait_until(check, timeout, what or "a matching frame")
         return found[0]
 
-    def find(self, pred: Callable[[Frame], bool], start: int = 0, end: int | None = None) -> list[Frame]:
+    def find(self, what: Callable[[Frame], bool] | type[Frame], stream_id: int | None = None, *,
+             start: int = 0, end: int | None = None) -> list[Any]:
+        """Frames received (in ``[start:end]``) matching a predicate or of a frame type (on ``stream_id``)."""
+        pred: Callable[[Frame], bool] = (
+            (lambda f: isinstance(f, what)) if isinstance(what, type) else what)  # type: ignore[arg-type]
         with self.cond:
-            return [f for f in self.frames[start:end] if pred(f)]
+            return [f for f in self.frames[start:end]
+                    if pred(f) and (stream_id is None or f.stream_id == stream_id)]
+
+    def goaways(self) -> list[GoAwayFrame]:
+        return self.find(GoAwayFrame)
 
     def mark(self) -> int:
         """Index of the next frame to arrive (for ``start=``)."""
@@ -372,7 +480,7 @@ class H2Peer:
             return len(self.frames)
 
     def wait_closed(self, timeout: float = DEFAULT_TIMEOUT) -> None:
-        self.wait_until(lambda: self.eof, timeout, "the worker to close the connection")
+        self.wait_until(lambda: self.eof, timeout, "the other side to close the connection")
 
     def wait_goaway(self, timeout: float = DEFAULT_TIMEOUT, start: int = 0) -> GoAwayFrame:
         return self.wait_for(lambda f: isinstance(f, GoAwayFrame), timeout, start=start,  # type: ignore[return-value]
@@ -390,11 +498,10 @@ class H2Peer:
             timeout, start=start, what=f"RST_STREAM on stream {stream_id}")
 
     def barrier(self, timeout: float = DEFAULT_TIMEOUT) -> int:
-        """PING the worker and wait for the ACK; returns the ACK's frame index.
+        """PING the other side and wait for the ACK; returns the ACK's frame index.
 
-        Everything the worker queued in reaction to frames sent before the
-        PING is in ``frames`` before the ACK (one reader thread, one ordered
-        output buffer).
+        Everything it queued in reaction to frames sent before the PING is in
+        ``frames`` before the ACK (one reader thread, one ordered output buffer).
         """
         self._ping_seq += 1
         payload = b"B" + self._ping_seq.to_bytes(7, "big")
@@ -408,21 +515,235 @@ class H2Peer:
         with self.cond:
             return [f for f in self.frames if getattr(f, "stream_id", None) == stream_id]
 
-    def _stream_done(self, stream_id: int) -> bool:
-        for f in self.frames:
-            if f.stream_id != stream_id:
-                continue
-            if isinstance(f, RstStreamFrame):
-                return True
-            if isinstance(f, (DataFrame, HeadersFrame)) and "END_STREAM" in f.flags:
-                if isinstance(f, HeadersFrame) and getattr(f, "decoded", None) is None:
-                    return False
-                return True
-        return False
+    def dump(self, last: int = 40) -> str:
+        out = []
+        for f in self.frames[-last:]:
+            s = repr(f)
+            if isinstance(f, HeadersFrame):
+                s += f" decoded={getattr(f, 'decoded', None)!r}"[:300]
+            elif isinstance(f, DataFrame):
+                s = f"DataFrame(stream_id={f.stream_id}, flags={sorted(f.flags)}, len={len(f.data)})"
+            out.append(s)
+        return "\n  " + "\n  ".join(out) + f"\n  eof={self.eof} violations={self.violations}"
+
+    # -- sending (any thread) -----------------------------------------------------------
+
+    def send_raw(self, data: bytes) -> None:
+        with self._send_lock:
+            self.transport.send(data)
+
+    def send_frame(self, *frames: Frame) -> None:
+        self.send_raw(b"".join(f.serialize() for f in frames))
+
+    @staticmethod
+    def _wu(stream_id: int, n: int) -> WindowUpdateFrame:
+        f = WindowUpdateFrame(stream_id)
+        f.window_increment = n
+        return f
+
+    def send_settings(self, settings: dict[int, int] | None = None, ack: bool = False) -> None:
+        if ack:
+            self.send_frame(SettingsFrame(0, flags=["ACK"]))
+            return
+        settings = dict(settings or {})
+        with self.cond:
+            self.local_settings.update(settings)
+            if S.INITIAL_WINDOW_SIZE in settings:
+                delta = settings[S.INITIAL_WINDOW_SIZE] - self.local_initial_window
+                self.local_initial_window = settings[S.INITIAL_WINDOW_SIZE]
+                for sid in self.recv_stream_window:
+                    self.recv_stream_window[sid] += delta
+            if S.MAX_FRAME_SIZE in settings:
+                # take the larger until ACKed: the other side may still use the old value
+                self.local_max_frame_size = max(self.local_max_frame_size, settings[S.MAX_FRAME_SIZE])
+            if S.HEADER_TABLE_SIZE in settings:
+                self.decoder.max_allowed_table_size = settings[S.HEADER_TABLE_SIZE]
+            frames: list[Frame] = [SettingsFrame(0, settings=settings)]
+            if not self._settings_sent:
+                self._settings_sent = True
+                if self._ack_pending:
+                    self._ack_pending = False
+                    frames.append(SettingsFrame(0, flags=["ACK"]))
+            # sent under the condition so the reader cannot slip an ACK in first
+            self.send_frame(*frames)
+
+    def send_window_update(self, stream_id: int, increment: int) -> None:
+        with self.cond:
+            if stream_id == 0:
+                self.recv_conn_window += increment
+            else:
+                self.recv_stream_window[stream_id] = (
+                    self.recv_stream_window.get(stream_id, self.local_initial_window) + increment)
+        self.send_frame(self._wu(stream_id, increment))
+
+    def send_ping(self, data: bytes = b"\0" * 8, ack: bool = False) -> None:
+        self.send_frame(PingFrame(0, opaque_data=data, flags=["ACK"] if ack else []))
+
+    def send_goaway(self, last_stream_id: int, code: int = ErrorCodes.NO_ERROR, debug: bytes = b"") -> None:
+        self.send_frame(GoAwayFrame(0, last_stream_id=last_stream_id, error_code=code, additional_data=debug))
+
+    def send_rst(self, stream_id: int, code: int = ErrorCodes.CANCEL) -> None:
+        self.send_frame(RstStreamFrame(stream_id, error_code=code))
+
+    def encode(self, headers: Fields) -> bytes:
+        return self.encoder.encode([(_b(k), _b(v)) for k, v in headers])
+
+    def headers_frame(self, stream_id: int, headers: Fields, *, end_stream: bool = False) -> HeadersFrame:
+        """One complete HEADERS frame (END_HEADERS), encoded now: HPACK order is call order."""
+        flags = ["END_HEADERS", "END_STREAM"] if end_stream else ["END_HEADERS"]
+        return HeadersFrame(stream_id, data=self.encode(headers), flags=flags)
+
+    @staticmethod
+    def data_frame(stream_id: int, data: bytes, *, end_stream: bool = False) -> DataFrame:
+        return DataFrame(stream_id, data=data, flags=["END_STREAM"] if end_stream else [])
+
+    def send_headers(
+        self,
+        stream_id: int,
+        headers: Fields,
+        *,
+        end_stream: bool = False,
+        split: Sequence[int] = (),
+        end_headers: bool = True,
+    ) -> bytes:
+        """Send a header block; ``split`` gives cut offsets for CONTINUATION frames.
+
+        With ``end_headers=False`` the block is left open (the caller sends the
+        CONTINUATION frames).  Returns the encoded block.
+        """
+        block = self.encode(headers)
+        cuts = [0, *[c for c in split if 0 < c < len(block)], len(block)]
+        limit = self.remote_settings.get(S.MAX_FRAME_SIZE, 16384)
+        parts = []
+        for a, b in itertools.pairwise(cuts):
+            parts.append(block[a:b])
+            while len(parts[-1]) > limit:  # never exceed the other side's MAX_FRAME_SIZE
+                head = parts.pop()
+                parts += [head[:limit], head[limit:]]
+        frames: list[Frame] = []
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            flags = []
+            if last and end_headers:
+                flags.append("END_HEADERS")
+            if i == 0:
+                if end_stream:
+                    flags.append("END_STREAM")
+                frames.append(HeadersFrame(stream_id, data=part, flags=flags))
+            else:
+                frames.append(ContinuationFrame(stream_id, data=part, flags=flags))
+        with self.cond:
+            self.recv_stream_window.setdefault(stream_id, self.local_initial_window)
+            self.send_stream_window.setdefault(
+                stream_id, self.remote_settings.get(S.INITIAL_WINDOW_SIZE, DEFAULT_WINDOW))
+        self.send_frame(*frames)
+        return block
+
+    def send_data(self, stream_id: int, data: bytes, *, end_stream: bool = False, pad: int | None = None) -> None:
+        """One DATA frame, no flow-control checks (the caller is responsible)."""
+        f = self.data_frame(stream_id, data, end_stream=end_stream)
+        if pad is not None:
+            f.flags.add("PADDED")
+            f.pad_length = pad
+        n = f.flow_controlled_length
+        with self.cond:
+            self.send_conn_window -= n
+            if stream_id in self.send_stream_window:
+                self.send_stream_window[stream_id] -= n
+        self.send_frame(f)
+
+    def send_body(self, stream_id: int, data: bytes, *, end_stream: bool = True, pad: int | None = None,
+                  timeout: float = DEFAULT_TIMEOUT) -> None:
+        """Send ``data`` within the windows granted to us, waiting for WINDOW_UPDATEs.
+
+        With ``pad`` every DATA frame carries that much padding (which is
+        flow controlled too: RFC 9113 §6.1).
+        """
+        overhead = 0 if pad is None else pad + 1
+        view = memoryview(data)
+        while view:
+            with self.cond:
+                def room() -> int:
+                    return min(self.send_conn_window, self.send_stream_window.get(stream_id, 0),
+                               self.remote_settings.get(S.MAX_FRAME_SIZE, 16384)) - overhead
+
+                if not self.cond.wait_for(lambda: self.eof or room() > 0, timeout) or self.eof:
+                    raise AssertionError(f"no send window on stream {stream_id} within {timeout}s "
+                                         f"(conn {self.send_conn_window}, "
+                                         f"stream {self.send_stream_window.get(stream_id)}); {self.dump()}")
+                n = min(len(view), room())
+            chunk, view = view[:n], view[n:]
+            self.send_data(stream_id, bytes(chunk), end_stream=end_stream and not view, pad=pad)
+        if not data and end_stream:
+            self.send_data(stream_id, b"", end_stream=True)
+
+
+# -- the two roles --------------------------------------------------------------------------------------
+
+
+class ProxyPeer(RawPeer):
+    """The proxy's half over a plaintext socket: no preface, sends requests, assembles responses.
+
+    Call :meth:`start`, then :meth:`handshake` (or send frames by hand).
+    """
+
+    def __init__(self, sock: socket.socket, *, auto_ack_settings: bool = True, auto_ack_ping: bool = False,
+                 auto_window: bool = True, name: str = "proxy-peer") -> None:
+        super().__init__(PlainTransport(sock), expect_preface=True, auto_ack_settings=auto_ack_settings,
+                         auto_ack_ping=auto_ack_ping, auto_window=auto_window, name=name)
+
+    def handshake(self, settings: dict[int, int] | None = None, *, conn_window: int | None = None,
+                  timeout: float = DEFAULT_TIMEOUT) -> None:
+        """Send our SETTINGS (no preface), wait for the worker's SETTINGS and its ACK of ours."""
+        self.send_settings(settings or {})
+        if conn_window is not None and conn_window > DEFAULT_WINDOW:
+            self.send_window_update(0, conn_window - DEFAULT_WINDOW)
+        self.wait_until(lambda: self.remote_settings_seen and self.settings_acks >= 1, timeout,
+                        "worker SETTINGS and SETTINGS ACK")
+
+    def request(
+        self,
+        stream_id: int,
+        method: str = "GET",
+        path: str = "/",
+        *,
+        authority: str | None = "example.com",
+        scheme: str = "https",
+        headers: Fields = (),
+        body: bytes | None = None,
+        end_stream: bool | None = None,
+        **kw: Any,
+    ) -> None:
+        """HEADERS for a request, then ``body`` (flow controlled).
+
+        The request ends (END_STREAM) unless ``end_stream=False``, which leaves
+        it open for more DATA or trailers.
+        """
+        hs: list[tuple[str | bytes, str | bytes]] = [(":method", method), (":scheme", scheme), (":path", path)]
+        if authority is not None:
+            hs.append((":authority", authority))
+        hs.extend(headers)
+        if end_stream is None:
+            end_stream = True
+        self.send_headers(stream_id, hs, end_stream=end_stream and body is None, **kw)
+        if body is not None:
+            self.send_body(stream_id, body, end_stream=end_stream)
+
+    def stream_done(self, stream_id: int) -> bool:
+        """The stream ended (END_STREAM on a complete block, or RST_STREAM)."""
+        with self.cond:
+            for f in self.frames:
+                if f.stream_id != stream_id:
+                    continue
+                if isinstance(f, RstStreamFrame):
+                    return True
+                if isinstance(f, (DataFrame, HeadersFrame)) and "END_STREAM" in f.flags:
+                    return not (isinstance(f, HeadersFrame) and getattr(f, "decoded", None) is None)
+            return False
 
     def response(self, stream_id: int, timeout: float = DEFAULT_TIMEOUT) -> Response:
         """Wait until the stream ends (END_STREAM or RST_STREAM) and assemble what came."""
-        self.wait_until(lambda: self._stream_done(stream_id) or self.eof, timeout,
+        self.wait_until(lambda: self.stream_done(stream_id) or self.eof, timeout,
                         f"stream {stream_id} to end")
         return self.collect(stream_id)
 
@@ -457,315 +778,91 @@ class H2Peer:
         r.body = bytes(body)
         return r
 
-    def dump(self, last: int = 40) -> str:
-        out = []
-        for f in self.frames[-last:]:
-            s = repr(f)
-            if isinstance(f, HeadersFrame):
-                s += f" decoded={getattr(f, 'decoded', None)!r}"[:300]
-            elif isinstance(f, DataFrame):
-                s = f"DataFrame(stream_id={f.stream_id}, flags={sorted(f.flags)}, len={len(f.data)})"
-            out.append(s)
-        return "\n  " + "\n  ".join(out) + f"\n  eof={self.eof} violations={self.violations}"
 
-    # -- sending -----------------------------------------------------------------------
+Responder = Callable[["WorkerPeer", int, Request], None]
+
+
+def answer_ok(w: WorkerPeer, sid: int, req: Request) -> None:
+    w.respond(sid, 200, f"ok {req.path}".encode())
+
+
+class WorkerPeer(RawPeer):
+    """The worker's half: dials ``127.0.0.1:port`` over mTLS, sends the preface and SETTINGS, serves requests.
+
+    Started on construction.  ``settings`` are its first SETTINGS (default:
+    MAX_CONCURRENT_STREAMS 100, INITIAL_WINDOW_SIZE 1 MiB).  Sending never
+    raises: once the proxy closed the tunnel, the test looks at what it sent.
+    """
+
+    def __init__(self, port: int, cert: str, key: str, ca: str, *, responder: Responder = answer_ok,
+                 settings: dict[int, int] | None = None, auto_ack_ping: bool = True,
+                 name: str = "raw-worker") -> None:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=DEFAULT_TIMEOUT)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            session = TLSSession(client_context(cert, key, ca), server_side=False, verify_name="127.0.0.1")
+            session.handshake(sock, DEFAULT_TIMEOUT)
+            sock.settimeout(None)
+        except BaseException:
+            sock.close()
+            raise
+        super().__init__(TLSTransport(sock, session), expect_preface=False, auto_ack_ping=auto_ack_ping,
+                         name=name)
+        self.responder = responder
+        self.requests: dict[int, Request] = {}
+        self.send_raw(PREFACE)
+        self.send_settings(settings if settings is not None else {
+            S.MAX_CONCURRENT_STREAMS: 100, S.INITIAL_WINDOW_SIZE: 1 << 20})
+        self.start()
 
     def send_raw(self, data: bytes) -> None:
-        with self._send_lock:
-            self.sock.sendall(data)
-
-    def send_frame(self, *frames: Frame) -> None:
-        self.send_raw(b"".join(f.serialize() for f in frames))
-
-    @staticmethod
-    def _wu(stream_id: int, n: int) -> WindowUpdateFrame:
-        f = WindowUpdateFrame(stream_id)
-        f.window_increment = n
-        return f
-
-    def send_settings(self, settings: dict[int, int] | None = None, ack: bool = False) -> None:
-        if ack:
-            self.send_frame(SettingsFrame(0, flags=["ACK"]))
-            return
-        settings = dict(settings or {})
-        with self.cond:
-            self.local_settings.update(settings)
-            if S.INITIAL_WINDOW_SIZE in settings:
-                delta = settings[S.INITIAL_WINDOW_SIZE] - self.local_initial_window
-                self.local_initial_window = settings[S.INITIAL_WINDOW_SIZE]
-                for sid in self.recv_stream_window:
-                    self.recv_stream_window[sid] += delta
-            if S.MAX_FRAME_SIZE in settings:
-                # take the larger until ACKed: the worker may still use the old value
-                self.local_max_frame_size = max(self.local_max_frame_size, settings[S.MAX_FRAME_SIZE])
-            if S.HEADER_TABLE_SIZE in settings:
-                self.decoder.max_allowed_table_size = settings[S.HEADER_TABLE_SIZE]
-            frames: list[Frame] = [SettingsFrame(0, settings=settings)]
-            if not self._settings_sent:
-                self._settings_sent = True
-                if self._ack_pending:
-                    self._ack_pending = False
-                    frames.append(SettingsFrame(0, flags=["ACK"]))
-            # sent under the condition so the reader cannot slip an ACK in first
-            self.send_frame(*frames)
-
-    def send_window_update(self, stream_id: int, increment: int) -> None:
-        with self.cond:
-            if stream_id == 0:
-                self.recv_conn_window += increment
-            else:
-                self.recv_stream_window[stream_id] = (
-                    self.recv_stream_window.get(stream_id, self.local_initial_window) + increment)
-        self.send_frame(self._wu(stream_id, increment))
-
-    def send_ping(self, data: bytes = b"\0" * 8, ack: bool = False) -> None:
-        self.send_frame(PingFrame(0, opaque_data=data, flags=["ACK"] if ack else []))
-
-    def send_goaway(self, last_stream_id: int, code: int = ErrorCodes.NO_ERROR, debug: bytes = b"") -> None:
-        self.send_frame(GoAwayFrame(0, last_stream_id=last_stream_id, error_code=code, additional_data=debug))
-
-    def send_rst(self, stream_id: int, code: int = ErrorCodes.CANCEL) -> None:
-        self.send_frame(RstStreamFrame(stream_id, error_code=code))
-
-    def encode(self, headers: Iterable[tuple[str | bytes, str | bytes]]) -> bytes:
-        return self.encoder.encode([(_b(k), _b(v)) for k, v in headers])
-
-    def send_headers(
-        self,
-        stream_id: int,
-        headers: Iterable[tuple[str | bytes, str | bytes]],
-        *,
-        end_stream: bool = False,
-        split: Sequence[int] = (),
-        end_headers: bool = True,
-    ) -> bytes:
-        """Send a header block; ``split`` gives cut offsets for CONTINUATION frames.
-
-        With ``end_headers=False`` the block is left open (the caller sends the
-        CONTINUATION frames).  Returns the encoded block.
-        """
-        block = self.encode(headers)
-        cuts = [0, *[c for c in split if 0 < c < len(block)], len(block)]
-        limit = self.worker_settings.get(S.MAX_FRAME_SIZE, 16384)
-        parts = []
-        for a, b in itertools.pairwise(cuts):
-            parts.append(block[a:b])
-            while len(parts[-1]) > limit:  # never exceed the worker's MAX_FRAME_SIZE
-                head = parts.pop()
-                parts += [head[:limit], head[limit:]]
-        frames: list[Frame] = []
-        for i, part in enumerate(parts):
-            last = i == len(parts) - 1
-            flags = []
-            if last and end_headers:
-                flags.append("END_HEADERS")
-            if i == 0:
-                if end_stream:
-                    flags.append("END_STREAM")
-                frames.append(HeadersFrame(stream_id, data=part, flags=flags))
-            else:
-                frames.append(ContinuationFrame(stream_id, data=part, flags=flags))
-        with self.cond:
-            self.recv_stream_window.setdefault(stream_id, self.local_initial_window)
-            self.send_stream_window.setdefault(
-                stream_id, self.worker_settings.get(S.INITIAL_WINDOW_SIZE, DEFAULT_WINDOW))
-        self.send_frame(*frames)
-        return block
-
-    def send_data(self, stream_id: int, data: bytes, *, end_stream: bool = False, pad: int | None = None) -> None:
-        """One DATA frame, no flow-control checks (the caller is responsible)."""
-        f = DataFrame(stream_id, data=data, flags=["END_STREAM"] if end_stream else [])
-        if pad is not None:
-            f.flags.add("PADDED")
-            f.pad_length = pad
-        n = f.flow_controlled_length
-        with self.cond:
-            self.send_conn_window -= n
-            if stream_id in self.send_stream_window:
-                self.send_stream_window[stream_id] -= n
-        self.send_frame(f)
-
-    def send_body(self, stream_id: int, data: bytes, *, end_stream: bool = True, pad: int | None = None,
-                  timeout: float = DEFAULT_TIMEOUT) -> None:
-        """Send ``data`` within the windows the worker granted, waiting for WINDOW_UPDATEs.
-
-        With ``pad`` every DATA frame carries that much padding (which is
-        flow controlled too: RFC 9113 §6.1).
-        """
-        overhead = 0 if pad is None else pad + 1
-        view = memoryview(data)
-        while view:
-            with self.cond:
-                def room() -> int:
-                    return min(self.send_conn_window, self.send_stream_window.get(stream_id, 0),
-                               self.worker_settings.get(S.MAX_FRAME_SIZE, 16384)) - overhead
-
-                if not self.cond.wait_for(lambda: self.eof or room() > 0, timeout) or self.eof:
-                    raise AssertionError(f"no send window on stream {stream_id} within {timeout}s "
-                                         f"(conn {self.send_conn_window}, "
-                                         f"stream {self.send_stream_window.get(stream_id)}); {self.dump()}")
-                n = min(len(view), room())
-            chunk, view = view[:n], view[n:]
-            self.send_data(stream_id, bytes(chunk), end_stream=end_stream and not view, pad=pad)
-        if not data and end_stream:
-            self.send_data(stream_id, b"", end_stream=True)
-
-    def request(
-        self,
-        stream_id: int,
-        method: str = "GET",
-        path: str = "/",
-        *,
-        authority: str | None = "example.com",
-        scheme: str = "https",
-        headers: Iterable[tuple[str | bytes, str | bytes]] = (),
-        body: bytes | None = None,
-        end_stream: bool | None = None,
-        **kw: Any,
-    ) -> None:
-        """HEADERS for a request, then ``body`` (flow controlled).
-
-        The request ends (END_STREAM) unless ``end_stream=False``, which leaves
-        it open for more DATA or trailers.
-        """
-        hs: list[tuple[str | bytes, str | bytes]] = [(":method", method), (":scheme", scheme), (":path", path)]
-        if authority is not None:
-            hs.append((":authority", authority))
-        hs.extend(headers)
-        if end_stream is None:
-            end_stream = True
-        self.send_headers(stream_id, hs, end_stream=end_stream and body is None, **kw)
-        if body is not None:
-            self.send_body(stream_id, body, end_stream=end_stream)
-
-
-# -- the worker under test -------------------------------------------------------------
-
-
-def worker_options(**kw: Any) -> WorkerOptions:
-    """``WorkerOptions`` for a harness worker: ``kw`` over the defaults (no proxy is dialled, no file read).
-
-    The peer's SETTINGS deadline (``handshake_timeout``) is 5 s unless given.
-    """
-    kw.setdefault("handshake_timeout", 5.0)
-    return WorkerOptions(proxy="127.0.0.1:9", cert="unused.crt", key="unused.key", **kw)
-
-
-class WorkerHarness:
-    """A worker-role tunnel on one end of a socketpair, an app pool, and an H2Peer on the other.
-
-    ``options`` (see :func:`worker_options`) configures the protocol core, the
-    tunnel and the stream policy alike, as in a ``WorkerPool``.
-    """
-
-    def __init__(
-        self,
-        app: Callable[..., Any],
-        *,
-        options: WorkerOptions | None = None,
-        peer_settings: dict[int, int] | None = None,
-        peer_conn_window: int | None = None,
-        handshake: bool = True,
-        threads: int = 16,
-        auto_ack_ping: bool = True,
-        auto_window: bool = True,
-        auto_ack_settings: bool = True,
-        tunnel_kw: dict[str, Any] | None = None,
-        ctx_kw: dict[str, Any] | None = None,
-        connect_handlers: dict[str | None, Callable[..., None]] | None = None,
-    ) -> None:
-        a, b = socket.socketpair()
-        self.pool = AppThreadPool(threads, name="test-app")
-        self.ctx = WSGIContext(app, **(ctx_kw or {}))
-        self.options = options = options or worker_options()
-        self.proto = TunnelProtocol("server", options)
-        #: streams handed to the app pool
-        self.dispatched = 0
-        #: stream handlers (run_wsgi) that returned: the app thread is free again
-        self.served = 0
-        self._served_cond = threading.Condition()
-        self.streams = StreamPolicy(options, self.ctx, self._submit, connect_handlers=connect_handlers or {})
-        self.tunnel = Tunnel(a, None, self.proto, options, name="worker", streams=self.streams,
-                             **(tunnel_kw or {}))
-        self.reason: str | None = None
-        self.thread = threading.Thread(target=self._run, name="worker-tunnel", daemon=True)
-        self.peer = H2Peer(b, auto_ack_ping=auto_ack_ping, auto_window=auto_window,
-                           auto_ack_settings=auto_ack_settings)
-        self.thread.start()
-        self.peer.start()
-        if handshake:
-            self.peer.handshake(peer_settings, conn_window=peer_conn_window)
-            assert self.tunnel.ready.wait(DEFAULT_TIMEOUT), "worker tunnel never became ready"
-
-    def _submit(self, fn: Callable[..., None], *args: Any) -> None:
-        self.dispatched += 1
-        self.pool.submit(self._serve, fn, args)
-
-    def _serve(self, fn: Callable[..., None], args: tuple[Any, ...]) -> None:
         try:
-            fn(*args)  # (the policy's runner: the handler, then ch.handler_done())
-        finally:
-            with self._served_cond:
-                self.served += 1
-                self._served_cond.notify_all()
+            super().send_raw(data)
+        except OSError:
+            pass  # the proxy closed the tunnel: the test looks at what it sent
 
-    def wait_served(self, n: int, timeout: float = DEFAULT_TIMEOUT) -> None:
-        with self._served_cond:
-            if not self._served_cond.wait_for(lambda: self.served >= n, timeout):
-                raise AssertionError(f"only {self.served} of {n} app calls returned within {timeout}s")
+    def _received_locked(self, f: Frame, block: HeadersFrame | None) -> Callable[[], None] | None:
+        complete: Request | None = None
+        if block is not None:
+            req = self.requests.get(block.stream_id)
+            ended = "END_STREAM" in block.flags
+            if req is None:
+                fields = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in block.decoded]  # type: ignore[attr-defined]
+                req = self.requests[block.stream_id] = Request(block.stream_id, fields, ended=ended)
+                complete = req if ended else None
+            else:  # trailers
+                req.ended = ended
+                complete = req if ended else None
+        elif isinstance(f, DataFrame):
+            req = self.requests.get(f.stream_id)
+            if req is not None:
+                req.body += f.data
+                if "END_STREAM" in f.flags:
+                    req.ended = True
+                    complete = req
+        if complete is None:
+            return None
+        done = complete
+        return lambda: self.responder(self, done.stream_id, done)
 
-    def _run(self) -> None:
-        self.reason = self.tunnel.run()
+    def respond(self, sid: int, status: int | bytes, body: bytes = b"",
+                headers: list[tuple[bytes, bytes]] | None = None) -> None:
+        code = status if isinstance(status, bytes) else str(status).encode()
+        hs = [(b":status", code), (b"content-length", str(len(body)).encode()), *(headers or [])]
+        if body:
+            self.send_frame(self.headers_frame(sid, hs), self.data_frame(sid, body, end_stream=True))
+        else:
+            self.send_frame(self.headers_frame(sid, hs, end_stream=True))
 
-    def wait_closed(self, timeout: float = DEFAULT_TIMEOUT) -> str:
-        assert self.tunnel.closed.wait(timeout), f"tunnel still open after {timeout}s; {self.peer.dump()}"
-        return self.tunnel.close_reason or ""
+    def wait_request(self, path: str, timeout: float = DEFAULT_TIMEOUT) -> Request:
+        found: list[Request] = []
 
-    def wait_in_flight(self, n: int, timeout: float = DEFAULT_TIMEOUT) -> None:
-        deadline = time.monotonic() + timeout
-        while self.tunnel.in_flight != n:  # (a plain len() read: no lock needed)
-            if time.monotonic() >= deadline:
-                raise AssertionError(f"in_flight is {self.tunnel.in_flight}, expected {n}")
-            time.sleep(0.005)
+        def check() -> bool:
+            for r in self.requests.values():
+                if r.path == path and r.ended:
+                    found.append(r)
+                    return True
+            return False
 
-    def close(self) -> None:
-        self.tunnel.close("test teardown")
-        self.thread.join(DEFAULT_TIMEOUT)
-        self.peer.close()
-        pool_ok = self.pool.shutdown(DEFAULT_TIMEOUT)
-        assert not self.thread.is_alive(), "worker tunnel thread did not exit"
-        assert pool_ok, "app threads did not exit (an app is still blocked)"
-        assert not self.peer.violations, f"worker broke the protocol: {self.peer.violations}"
-
-
-@pytest.fixture
-def make_worker() -> Any:
-    """Factory fixture: ``h = make_worker(app, options=worker_options(...), peer_settings=...)``.
-
-    Teardown closes every harness and asserts no thread was left behind.
-    """
-    before = set(threading.enumerate())
-    made: list[WorkerHarness] = []
-
-    def factory(app: Callable[..., Any], **kw: Any) -> WorkerHarness:
-        h = WorkerHarness(app, **kw)
-        made.append(h)
-        return h
-
-    yield factory
-    errors = []
-    for h in made:
-        try:
-            h.close()
-        except AssertionError as e:
-            errors.append(str(e))
-    deadline = time.monotonic() + DEFAULT_TIMEOUT
-    while True:
-        extra = [t for t in threading.enumerate() if t not in before and t.is_alive()]
-        if not extra or time.monotonic() > deadline:
-            break
-        extra[0].join(max(0.0, deadline - time.monotonic()))
-    if extra:
-        errors.append(f"leftover threads: {extra}")
-    assert not errors, "; ".join(errors)
-
+        self.wait_until(check, timeout, f"request {path}")
+        return found[0]

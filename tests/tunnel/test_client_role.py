@@ -1,8 +1,9 @@
-"""The proxy's side of a tunnel (``Tunnel`` in the client role) against a hand-driven worker.
+"""The proxy's side of a tunnel (``Tunnel`` in the client role): early hints, stream-id exhaustion.
 
 The worker end is h2's ``H2Connection`` (server side, which can send 1xx
 responses; our worker core never does) on the other half of a socketpair, so a
-test sends exactly the responses it wants.
+test sends exactly the responses it wants.  (Against the real proxy, with the
+raw-frame worker of ``tests/h2peer.py``: ``tests/integration/test_abuse_proxy.py``.)
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import pytest
 
 from rhttp_wsgi._protocol import PREFACE, TunnelProtocol
 from rhttp_wsgi._tunnel import Tunnel
+from rhttp_wsgi.errors import TunnelClosed
 from rhttp_wsgi.options import TunnelOptions
 
 pytestmark = pytest.mark.timeout(30)
@@ -95,3 +97,22 @@ def test_wait_response_can_return_early_hints_before_the_final_response(pair: tu
     w.proto.send_headers(sid, [(b":status", b"204")], end_stream=True)
     w.flush()
     assert ch.wait_response(WAIT, early_hints=True) == [(b":status", b"204")]
+
+
+def test_client_role_retires_a_tunnel_whose_stream_ids_are_exhausted() -> None:
+    """After 2^30 streams the proxy side drains the tunnel instead of failing requests with 500."""
+    a, b = socket.socketpair()
+    try:
+        options = TunnelOptions()
+        t = Tunnel(a, None, TunnelProtocol("client", options), options, name="exhausted")
+        t.proto.initiate(0.0)
+        # the last stream id there is, opened the regular way: no id is left after it
+        t.proto.send_headers(2**31 - 1, [(b":method", b"GET"), (b":scheme", b"https"), (b":path", b"/"),
+                                         (b":authority", b"x")], end_stream=True)
+        with pytest.raises(TunnelClosed, match="stream ids exhausted"):
+            t.open_stream([(b":method", b"GET"), (b":scheme", b"https"), (b":path", b"/"),
+                           (b":authority", b"x")], end_stream=True)
+        assert t.closing and not t.accepting
+    finally:
+        a.close()
+        b.close()
