@@ -437,15 +437,26 @@ def stream():
 '''
 
 
-def test_app_error_names_method_path_and_tunnel(pki: DemoPKI, proxy: tuple[Command, int, str],
-                                                tmp_path: Path) -> None:
-    p, port, url = proxy
+def attached_log_worker(pki: DemoPKI, proxy: tuple[Command, int, str], tmp_path: Path, **env: str) -> Command:
+    """A worker serving LOG_APP, ready and attached to ``proxy`` (stopped again if it never gets there)."""
+    p, port, _ = proxy
     (tmp_path / "log_app.py").write_text(LOG_APP)
     mark = p.mark()
-    w = worker(pki, port, "--ca", str(pki.ca_cert), app="log_app:app", env=env_with(tmp_path))
+    w = worker(pki, port, "--ca", str(pki.ca_cert), app="log_app:app", env=dict(env_with(tmp_path), **env))
     try:
         w.wait_for(" ready: ")
         p.wait_for(r"worker w\d+ attached: CN=worker", after=mark)
+    except BaseException:
+        w.stop()
+        raise
+    return w
+
+
+def test_app_error_names_method_path_and_tunnel(pki: DemoPKI, proxy: tuple[Command, int, str],
+                                                tmp_path: Path) -> None:
+    url = proxy[2]
+    w = attached_log_worker(pki, proxy, tmp_path)
+    try:
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(url + "/boom?x=1", timeout=10)
         assert e.value.code == 500
@@ -458,13 +469,10 @@ def test_app_error_names_method_path_and_tunnel(pki: DemoPKI, proxy: tuple[Comma
 
 def test_client_leaving_mid_response_is_info_in_plain_words(pki: DemoPKI, proxy: tuple[Command, int, str],
                                                             tmp_path: Path) -> None:
-    p, port, url = proxy
-    (tmp_path / "log_app.py").write_text(LOG_APP)
+    p, _, url = proxy
+    w = attached_log_worker(pki, proxy, tmp_path)
     mark = p.mark()
-    w = worker(pki, port, "--ca", str(pki.ca_cert), app="log_app:app", env=env_with(tmp_path))
     try:
-        w.wait_for(" ready: ")
-        p.wait_for(r"worker w\d+ attached: CN=worker", after=mark)
         host, _, public_port = url.removeprefix("http://").rpartition(":")
         with socket.create_connection((host, int(public_port)), timeout=10) as c:
             c.sendall(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -478,16 +486,11 @@ def test_client_leaving_mid_response_is_info_in_plain_words(pki: DemoPKI, proxy:
 
 def test_draining_worker_is_not_reported_as_no_worker_attached(pki: DemoPKI, proxy: tuple[Command, int, str],
                                                                tmp_path: Path) -> None:
-    p, port, url = proxy
-    (tmp_path / "log_app.py").write_text(LOG_APP)
-    mark = p.mark()
+    url = proxy[2]
     pid_file = tmp_path / "serving.pid"
-    w = worker(pki, port, "--ca", str(pki.ca_cert), app="log_app:app",
-               env=dict(env_with(tmp_path), PID_FILE=str(pid_file)))
+    w = attached_log_worker(pki, proxy, tmp_path, PID_FILE=str(pid_file))
     slow: list[int] = []
     try:
-        w.wait_for(" ready: ")
-        p.wait_for(r"worker w\d+ attached: CN=worker", after=mark)
         def get_slow() -> None:
             try:
                 slow.append(urllib.request.urlopen(url + "/slow", timeout=20).status)
