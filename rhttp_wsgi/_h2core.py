@@ -69,7 +69,7 @@ from hpack import NeverIndexedHeaderTuple
 from hpack.exceptions import HPACKError, OversizedHeaderListError
 
 from ._hpack import Decoder, Encoder
-from ._http import BAD_VALUE, CONNECTION_SPECIFIC, H2_BAD_NAME, content_length, join_cookies
+from ._http import BAD_VALUE, CONNECTION_SPECIFIC, H2_BAD_NAME, PER_REQUEST, content_length, join_cookies
 
 __all__ = ["CLOSED_STREAM_MEMORY", "H2Config", "H2Core", "HeadersOverLimit", "RateLimiter", "Settings",
            "StreamRefused"]
@@ -170,6 +170,12 @@ class H2Config:
     #: SETTINGS_HEADER_TABLE_SIZE allows (RFC 7541 §4.2 lets the encoder use less; nghttp2
     #: and Go cap it at 4,096 too): a peer's 2^32-1 would have us keep every distinct field.
     max_encoder_table_size: int = 4096
+    # -- receive-window auto-tuning (see H2Core.acknowledge_received_data) -------------------------
+    #: The most a stream's receive window grows to from ``initial_window_size``; at or below
+    #: it (the default 0 included) stream windows stay fixed.
+    max_stream_window: int = 0
+    #: The most the connection's receive window grows to; at or below its current size, fixed.
+    max_connection_window: int = 0
 
 
 class RateLimiter:
@@ -268,7 +274,7 @@ class Settings:
 class Stream:
     """Per-stream state: a few integers instead of a state-machine object."""
 
-    __slots__ = ("expected_length", "got_headers", "in_max", "in_processed", "in_window", "inbound",
+    __slots__ = ("expected_length", "got_headers", "in_max", "in_processed", "in_updated", "in_window", "inbound",
                  "no_content", "out_window", "received_length", "recv_open", "send_open", "sent_headers",
                  "stream_id")
 
@@ -282,10 +288,21 @@ class Stream:
         self.in_window = in_window        # what the peer may still send us
         self.in_max = in_window
         self.in_processed = 0             # consumed by the app, not yet returned
+        self.in_updated = 0.0             # window tuning: when credit last went back (0: no DATA yet)
         self.out_window = out_window      # what we may still send
         self.expected_length: int | None = None  # the message's content-length
         self.received_length = 0          # DATA bytes received (checked against it)
         self.no_content = False           # client role: we sent a HEAD request (its response has no content)
+
+
+#: Window tuning: a window doubles when half of it is consumed within this many round trips
+#: (QUIC's rule, Chromium's QuicFlowController), or any larger share at the same rate.
+TUNE_RTT_FACTOR = 2.0
+#: Window tuning: the shortest gap between two round-trip probes (PINGs), so that a
+#: low-latency link costs the peer at most 10 PINGs a second (its flood budget is 100/s).
+RTT_PROBE_GAP = 0.1
+#: First four bytes of a round-trip probe's PING payload (the last four count).
+_PROBE_TAG = b"rtt\x00"
 
 
 def _window_increment(current: int, maximum: int, processed: int) -> int:
@@ -325,6 +342,21 @@ class H2Core:
         self.inbound_window = 65535
         self.inbound_max = 65535
         self.inbound_processed = 0
+        # Receive-window tuning (acknowledge_received_data): on when a cap lies above a window.
+        self._stream_cap = max(config.max_stream_window, config.initial_window_size)
+        self._conn_cap = config.max_connection_window
+        self._tune = config.max_stream_window > config.initial_window_size or config.max_connection_window > 65535
+        #: Smoothed round-trip time from our probe PINGs (None until the first ACK).
+        self.srtt: float | None = None
+        #: The largest window a stream has grown to: where a later stream that is window-limited
+        #: too jumps at once (same path, same peer).
+        self.stream_window_learned = config.initial_window_size
+        self._conn_updated = 0.0  # when connection credit last went back (0: no DATA yet)
+        self._settings_sent: float | None = None  # when our first SETTINGS went out (initiate_connection)
+        self._probe: bytes | None = None  # the probe PING in flight
+        self._probe_sent = 0.0
+        self._probe_next = 0.0
+        self._probe_seq = 0
         self._out = bytearray()
         self._inbuf = bytearray()
         # An unfinished header block: (stream id, flags of its HEADERS, fragments, size, frames)
@@ -362,13 +394,22 @@ class H2Core:
         # fields of <= 256 bytes (cleared when full), so a peer sending unique
         # large values cannot grow it.
         self._valid_fields: set[tuple[bytes, bytes]] = set()
+        # Request pseudo-header fields whose name and value passed the character checks (the
+        # order, duplicate and allowed-name checks still run per request); same bounds.
+        self._valid_pseudo: set[tuple[bytes, bytes]] = set()
+        # Client role: request fields we sent that were already normalised and valid -> whether
+        # the field is a pseudo-header (see _outbound_request); same bounds.
+        self._valid_outbound: dict[tuple[bytes, bytes], bool] = {}
 
     # -- settings and start --------------------------------------------------------------
 
-    def initiate_connection(self, preamble: bytes = b"") -> None:
+    def initiate_connection(self, preamble: bytes = b"", now: float | None = None) -> None:
         """Queue ``preamble`` (raw bytes: the worker, which dials, writes the client preface
         although it plays the server), then our SETTINGS: every value we differ from the
-        default on (ENABLE_PUSH=0 as a client)."""
+        default on (ENABLE_PUSH=0 as a client).  With ``now``, the peer's SETTINGS ACK gives
+        window tuning its first round trip (the peer acknowledges on reading them)."""
+        if now is not None and self._tune:
+            self._settings_sent = now
         self._out += preamble
         c = self.config
         payload = b""
@@ -486,6 +527,7 @@ class H2Core:
         if self.closed:
             raise h2x.ProtocolError("connection closed")
         st = self.streams.get(stream_id)
+        grant = False
         if st is None:
             if not self.client_side or stream_id % 2 == 0 or stream_id <= self.highest_outbound_stream_id:
                 raise h2x.StreamClosedError(stream_id)
@@ -495,14 +537,16 @@ class H2Core:
             if self.open_outbound_streams >= self.remote_settings.max_concurrent_streams:
                 raise h2x.TooManyStreamsError("peer's SETTINGS_MAX_CONCURRENT_STREAMS reached")
             if self._validate:
-                headers = _normalize_outbound(headers)
-                _check_request(headers, bool(self.remote_settings.enable_connect_protocol))
+                headers = self._outbound_request(headers)
             st = Stream(stream_id, False, self._init_window, self.remote_settings.initial_window_size)
             # RFC 9113 §8.1.1: the response to HEAD has no content (see _header_block).
             st.no_content = (b":method", b"HEAD") in headers or (":method", "HEAD") in headers
             self.streams[stream_id] = st
             self.highest_outbound_stream_id = stream_id
             self.open_outbound_streams += 1
+            # Window tuning: the response may use the window this connection learned at once
+            # (granted right after the HEADERS), instead of one round trip at the initial one.
+            grant = self.stream_window_learned > self._init_window and not st.no_content
         elif not st.send_open:
             raise h2x.StreamClosedError(stream_id)
         elif st.sent_headers:
@@ -523,6 +567,8 @@ class H2Core:
             for i in range(size, len(block), size):
                 last = i + size >= len(block)
                 self._frame(CONTINUATION, F_END_HEADERS if last else 0, stream_id, block[i:i + size])
+        if grant:
+            self._grant_learned(st)
         if end_stream:
             self._end_send(st)
 
@@ -564,24 +610,117 @@ class H2Core:
         self._rst(stream_id, error_code)
         self._close(st, _RESET_SENT)
 
-    def acknowledge_received_data(self, acknowledged_size: int, stream_id: int) -> None:
-        """The app consumed ``acknowledged_size`` bytes: return credit when worth a WINDOW_UPDATE."""
+    def acknowledge_received_data(self, acknowledged_size: int, stream_id: int, now: float | None = None) -> None:
+        """The app consumed ``acknowledged_size`` bytes (at ``now``; default: the time of the
+        last bytes received): return credit when worth a WINDOW_UPDATE.
+
+        When credit goes back (h2's rule: half the window consumed, or an exhausted window),
+        a tuned window may grow first (to twice its size or more, see :meth:`_grown`), up to
+        its cap (``H2Config.max_stream_window`` / ``max_connection_window``), when the reader
+        consumed at least a quarter of it at a rate above a quarter of the window per round
+        trip -- e.g. half the window within :data:`TUNE_RTT_FACTOR` (2) round trips, QUIC's
+        rule (Chromium's QuicFlowController).  At a window of W the peer can send at most W
+        per round trip, so a reader that keeps up with that is held back by the window, not
+        by the link or itself; a link or a reader slower than W/4 per round trip never grows
+        it (windows settle within 4x the bandwidth-delay product).  A slow reader returns
+        credit late and its window never grows; a reader that stops returns none, so what it
+        leaves unread stays within its window.  The round trip comes from our probe PINGs,
+        as gRPC's BDP estimator measures it.  A stream that grows jumps at once to the
+        largest window another stream of the connection needed
+        (:attr:`stream_window_learned`), and once a connection learned one, a new stream
+        starts with it: granted with the request (client role; not for HEAD) or at the
+        request body's first DATA (server role), so a bulk transfer on a warm tunnel does
+        not spend a round trip at the initial window; its unread bytes stay within that
+        window, at most the cap.  A stream window that has grown gets its credit
+        back at each quarter consumed instead of each half, so the peer always holds at least
+        three quarters of it (a few more 13-byte frames per many MiB).
+        """
         if acknowledged_size < 0:
             raise ValueError("negative acknowledged size")
         self.inbound_processed += acknowledged_size
-        inc = _window_increment(self.inbound_window, self.inbound_max, self.inbound_processed)
+        processed = self.inbound_processed
+        inc = _window_increment(self.inbound_window, self.inbound_max, processed)
         if inc:
+            if self._tune and processed >= self.inbound_max >> 2:
+                t = self._now if now is None else now
+                grown = self._grown(self.inbound_max, self._conn_cap, self._conn_updated, t, 0, processed)
+                self._conn_updated = t
+                if grown:
+                    inc += grown - self.inbound_max
+                    self.inbound_max = grown
             self.inbound_processed = 0
             self.inbound_window += inc
             self._frame(WINDOW_UPDATE, 0, 0, _U32.pack(inc))
         st = self.streams.get(stream_id)
         if st is not None and st.recv_open:
             st.in_processed += acknowledged_size
-            inc = _window_increment(st.in_window, st.in_max, st.in_processed)
+            processed = st.in_processed
+            window = st.in_max
+            if window > self._init_window and processed >= window >> 2:  # grown: credit at each quarter
+                inc = min(processed, window - st.in_window)
+            else:
+                inc = _window_increment(st.in_window, window, processed)
             if inc:
+                if self._tune and processed >= window >> 2:
+                    t = self._now if now is None else now
+                    grown = self._grown(window, self._stream_cap, st.in_updated, t, self.stream_window_learned,
+                                        processed)
+                    st.in_updated = t
+                    if grown:
+                        inc += grown - window
+                        st.in_max = grown
+                        if grown > self.stream_window_learned:
+                            self.stream_window_learned = grown
                 st.in_processed = 0
                 st.in_window += inc
                 self._frame(WINDOW_UPDATE, 0, stream_id, _U32.pack(inc))
+
+    def _grant_learned(self, st: Stream) -> None:
+        """Open a new stream's window to :attr:`stream_window_learned` (window tuning)."""
+        delta = self.stream_window_learned - st.in_max
+        st.in_max += delta
+        st.in_window += delta
+        self._frame(WINDOW_UPDATE, 0, st.stream_id, _U32.pack(delta))
+
+    def _grown(self, window: int, cap: int, last: float, now: float, learned: int, consumed: int) -> int:
+        """The window's new size if it should grow now (see acknowledge_received_data), else 0.
+
+        ``consumed`` bytes were read since ``last``: grow when that is faster than
+        ``window / (2 * TUNE_RTT_FACTOR)`` per round trip.  The new size is twice the
+        window, or twice the bandwidth-delay product at that rate (gRPC's target: bytes
+        per round trip, doubled) when larger: data is read no faster than it arrives, so
+        the rate is what the path delivers (the reader keeping up), and a tunnel's first
+        transfer reaches its window in a round trip or two instead of doubling from 1 MiB.
+        """
+        srtt = self.srtt
+        elapsed = now - last
+        if window >= cap or srtt is None or not last or elapsed * window >= consumed * 2 * TUNE_RTT_FACTOR * srtt:
+            return 0
+        grown = 2 * window
+        if elapsed > 0:
+            bdp2 = int(2 * consumed * srtt / elapsed)
+            if bdp2 > grown:
+                grown = bdp2
+        if learned > grown:
+            grown = learned
+        return grown if grown < cap else cap
+
+    def _probe_rtt(self, now: float) -> None:
+        """Window tuning: send a round-trip probe (PING) unless one is in flight or one was recent."""
+        self._probe_seq = seq = (self._probe_seq + 1) & 0xFFFFFFFF
+        self._probe = payload = _PROBE_TAG + _U32.pack(seq)
+        self._probe_sent = now
+        self._probe_next = now + RTT_PROBE_GAP
+        self._frame(PING, 0, 0, payload)
+
+    def _probe_acked(self, now: float) -> None:
+        sample = now - self._probe_sent
+        self._probe = None
+        if sample <= 0:  # (a clock that did not move: no information)
+            return
+        srtt = self.srtt
+        # RFC 6298's smoothing (1/8 of each new sample), as TCP and QUIC keep it.
+        self.srtt = sample if srtt is None else srtt + (sample - srtt) / 8
 
     # -- stream bookkeeping ---------------------------------------------------------------
 
@@ -741,6 +880,20 @@ class H2Core:
             events.append(self._stream_error(st, ErrorCodes.FLOW_CONTROL_ERROR))
             return
         st.in_window -= flow
+        if self._tune:
+            # Window tuning: the clocks start at the first DATA, and round trips are
+            # measured while a stream has a quarter of its window outstanding (a bulk
+            # transfer: small bodies cost no PING), one probe at a time, RTT_PROBE_GAP apart.
+            now = self._now
+            if not st.in_updated:
+                st.in_updated = now
+                if not self._conn_updated:
+                    self._conn_updated = now
+                if self.stream_window_learned > st.in_max:
+                    # a request body: the window this connection learned, from its first DATA
+                    self._grant_learned(st)
+            if self._probe is None and now >= self._probe_next and st.in_max - st.in_window >= st.in_max >> 2:
+                self._probe_rtt(now)
         data = bytes(payload)
         expected = st.expected_length
         if expected is not None:
@@ -1005,9 +1158,76 @@ class H2Core:
             return f"a {size}-byte header list (max_header_list_size {self._soft_size})"
         return None
 
+    def _outbound_request(self, headers: list[Any]) -> list[Any]:
+        """Client role: a request we are about to send, normalised as :func:`_normalize_outbound`
+        does, then validated (ProtocolError).  An ordinary field that arrived already normalised
+        and passed (what the forwarder sends) is remembered: next time it costs one set lookup."""
+        valid = self._valid_outbound
+        out: list[Any] = []
+        append = out.append
+        pseudo: dict[bytes, bytes] = {}
+        regular = False
+        host = None
+        for h in headers:
+            is_pseudo = valid.get(h)
+            if is_pseudo is not None:
+                if is_pseudo:
+                    name = h[0]
+                    if regular or name in pseudo:
+                        raise h2x.ProtocolError(f"invalid pseudo-header {name!r} in a request")
+                    pseudo[name] = h[1]
+                else:
+                    regular = True
+                append(h)
+                continue
+            name, value = h[0], h[1]
+            if isinstance(name, str):
+                name = name.encode("utf-8")
+            if isinstance(value, str):
+                value = value.encode("utf-8")
+            name = name.lower()
+            if name in CONNECTION_SPECIFIC:
+                continue
+            never = isinstance(h, NeverIndexedHeaderTuple)
+            if name[:1] == b":":
+                if regular or name not in _REQUEST_PSEUDO or name in pseudo:
+                    raise h2x.ProtocolError(f"invalid pseudo-header {name!r} in a request")
+                pseudo[name] = value
+                field = NeverIndexedHeaderTuple(name, value) if never else (name, value)
+                append(field)
+                if field == h and len(name) + len(value) <= 256:
+                    if len(valid) >= 2048:
+                        valid.clear()
+                    valid[field] = True
+                continue
+            regular = True
+            value = value.strip(b" \t")
+            if not name or H2_BAD_NAME.search(name) or (value and BAD_VALUE.search(value)):
+                raise h2x.ProtocolError(f"invalid header field {name!r}")
+            field = NeverIndexedHeaderTuple(name, value) if never else (name, value)
+            append(field)
+            if name == b"te":
+                if value.lower() != b"trailers":
+                    raise h2x.ProtocolError("te other than trailers")
+            elif name == b"host":
+                if host is not None:
+                    raise h2x.ProtocolError("several host fields")
+                host = value
+            elif field == h and len(name) + len(value) <= 256 and name not in PER_REQUEST:
+                # (bounded as _valid_fields; a request id would only churn it)
+                if len(valid) >= 2048:
+                    valid.clear()
+                valid[field] = False
+        try:
+            _check_request_pseudo(pseudo, host, bool(self.remote_settings.enable_connect_protocol))
+        except Malformed as e:
+            raise h2x.ProtocolError(str(e)) from e
+        return out
+
     def _check_fields(self, headers: list[tuple[bytes, bytes]], trailers: bool) -> list[tuple[bytes, bytes]]:
         """Validate a request's or trailers' fields (RFC 9113 §8.2, §8.3); join cookies (§8.2.3)."""
         valid = self._valid_fields
+        valid_pseudo = self._valid_pseudo
         cookies: list[bytes] | None = None
         pseudo: dict[bytes, bytes] = {}
         regular = False
@@ -1024,8 +1244,13 @@ class H2Core:
                     raise Malformed(f"pseudo-header {name!r} not allowed in a request")
                 if name in pseudo:
                     raise Malformed(f"duplicate {name!r}")
-                if H2_BAD_NAME.search(name, 1) or BAD_VALUE.search(value):
-                    raise Malformed(f"invalid {name!r}")
+                if field not in valid_pseudo:
+                    if H2_BAD_NAME.search(name, 1) or BAD_VALUE.search(value):
+                        raise Malformed(f"invalid {name!r}")
+                    if len(name) + len(value) <= 256:
+                        if len(valid_pseudo) >= 2048:
+                            valid_pseudo.clear()
+                        valid_pseudo.add(field)
                 pseudo[name] = value
                 continue
             regular = True
@@ -1048,7 +1273,8 @@ class H2Core:
                         cookies = []
                     cookies.append(value)
                 continue
-            if len(name) + len(value) <= 256:  # bounded: <= 2048 x 256 B per connection
+            # Bounded: <= 2048 x 256 B per connection; a request id would only churn the set.
+            if len(name) + len(value) <= 256 and name not in PER_REQUEST:
                 if len(valid) >= 2048:
                     valid.clear()
                 valid.add(field)
@@ -1118,6 +1344,8 @@ class H2Core:
             if len(payload) != 8:
                 raise self._fail(ErrorCodes.FRAME_SIZE_ERROR, "PING of the wrong length")
             if flags & F_ACK:
+                if self._probe is not None and payload == self._probe:
+                    self._probe_acked(self._now)
                 events.append(ev.PingAckReceived(ping_data=bytes(payload)))
             else:
                 self._control_frame("PING")
@@ -1157,6 +1385,12 @@ class H2Core:
         if flags & F_ACK:
             if payload:
                 raise self._fail(ErrorCodes.FRAME_SIZE_ERROR, "SETTINGS ACK with a payload")
+            if self._settings_sent is not None:
+                # (the first ACK only: the tuning's first round trip, before any DATA)
+                sample = self._now - self._settings_sent
+                self._settings_sent = None
+                if sample > 0 and self.srtt is None:
+                    self.srtt = sample
             return
         if len(payload) % 6:
             raise self._fail(ErrorCodes.FRAME_SIZE_ERROR, "SETTINGS length not a multiple of 6")
@@ -1288,28 +1522,3 @@ def _normalize_outbound(headers: list[Any]) -> list[Any]:
         out.append(NeverIndexedHeaderTuple(name, value) if isinstance(h, NeverIndexedHeaderTuple) else (name, value))
     return out
 
-
-def _check_request(headers: list[Any], extended_connect: bool) -> None:
-    """Validate a request header list we are about to send (client role)."""
-    pseudo: dict[bytes, bytes] = {}
-    regular = False
-    host = None
-    for name, value in headers:
-        if name[:1] == b":":
-            if regular or name not in _REQUEST_PSEUDO or name in pseudo:
-                raise h2x.ProtocolError(f"invalid pseudo-header {name!r} in a request")
-            pseudo[name] = value
-            continue
-        regular = True
-        if not name or H2_BAD_NAME.search(name) or (value and BAD_VALUE.search(value)):
-            raise h2x.ProtocolError(f"invalid header field {name!r}")
-        if name == b"te" and value.lower() != b"trailers":
-            raise h2x.ProtocolError("te other than trailers")
-        if name == b"host":
-            if host is not None:
-                raise h2x.ProtocolError("several host fields")
-            host = value
-    try:
-        _check_request_pseudo(pseudo, host, extended_connect)
-    except Malformed as e:
-        raise h2x.ProtocolError(str(e)) from e

@@ -10,11 +10,14 @@ table linearly.  Here:
   indexed field — which is every field of a steady-state request from HAProxy — is one list
   lookup, one size addition and one ``append`` of a tuple that is shared with the table (tuples
   are immutable: sharing is safe).  A block made only of indexed fields (a load test's identical
-  requests) is remembered while the dynamic table is unchanged.
+  requests) is remembered while the dynamic table is unchanged, and so is the all-indexed start of a
+  block whose literals leave the table as it is (the same request plus its request id).
 * :class:`Encoder` finds exact and name matches with dicts (the dynamic table is indexed by
   insertion sequence number, so no entry has to be renumbered when another is inserted), and
   caches whole encoded blocks that consist of indexed representations only, for as long as the
-  dynamic table does not change.
+  dynamic table does not change.  A field whose value is new on every request (``_http.PER_REQUEST``:
+  the request id) is sent as a literal without indexing, so it neither churns the table nor keeps
+  the rest of its block from repeating.
 
 Errors are ``hpack``'s own exception classes, raised where ``hpack`` 4.2 raises them
 (``tests/unit/test_hpack_fast.py`` checks both libraries side by side).  Huffman coding reuses
@@ -37,7 +40,7 @@ from hpack.huffman_table import HUFFMAN_COMPLETE, HUFFMAN_EMIT_SYMBOL, HUFFMAN_F
 from hpack.struct import HeaderTuple, NeverIndexedHeaderTuple
 from hpack.table import HeaderTable
 
-from ._http import NEVER_INDEXED, SHORT_COOKIE
+from ._http import NEVER_INDEXED, PER_REQUEST, SHORT_COOKIE
 
 __all__ = ["DEFAULT_MAX_HEADER_LIST_SIZE", "DEFAULT_TABLE_SIZE", "Decoder", "Encoder"]
 
@@ -220,16 +223,22 @@ class Decoder:
 
     A block made only of indexed fields (no literal, no size update) is remembered, keyed on its
     bytes, until the dynamic table next changes; decoding it again returns a new list of the same
-    tuples after re-checking both limits.
+    tuples after re-checking both limits.  A block of indexed fields followed by literals that do
+    not change the table (a request id sent without indexing) has its indexed start remembered the
+    same way: a later block that starts with those bytes resumes decoding after them (a prefix of
+    complete representations decodes the same whatever follows it).
     """
 
-    __slots__ = ("_cache", "_maxsize", "_size", "_table", "max_allowed_table_size", "max_header_list_size")
+    __slots__ = ("_cache", "_maxsize", "_prefix_lengths", "_size", "_table", "max_allowed_table_size",
+                 "max_header_list_size")
 
     #: Blocks made only of indexed fields, at most this long, are remembered (at most
     #: ``BLOCK_CACHE_SIZE`` of them) while the dynamic table is unchanged: decoding such a block
     #: again is one dict look-up (a load test's identical requests; health checks).
     BLOCK_CACHE_MAX_LEN = 256
     BLOCK_CACHE_SIZE = 64
+    #: How many distinct prefix lengths a block is tried against (see ``decode``).
+    PREFIX_LENGTHS = 4
 
     def __init__(self, max_header_list_size: int = DEFAULT_MAX_HEADER_LIST_SIZE) -> None:
         #: Largest decoded header list accepted (RFC 7541 §4.1 sizes); exceeding it raises
@@ -244,6 +253,9 @@ class Decoder:
         self._table: list[tuple[bytes, bytes]] = [(b"", b""), *_STATIC]
         # block -> (headers, list size), for all-indexed blocks; emptied whenever the table changes.
         self._cache: dict[bytes, tuple[tuple[tuple[bytes, bytes], ...], int]] = {}
+        # Lengths of the all-indexed prefixes in ``_cache`` (blocks whose literals, all after the
+        # indexed fields, did not change the table: a request id sent without indexing).
+        self._prefix_lengths: list[int] = []
 
     @property
     def header_table_size(self) -> int:
@@ -290,11 +302,27 @@ class Decoder:
         only_indexed = True
         table = self._table
         headers: list[tuple[bytes, bytes]] = []
-        append = headers.append
         limit = self.max_header_list_size
         listsize = 0
         pos = 0
         end = len(data)
+        # A block that starts with a remembered all-indexed prefix (the same request, then a
+        # literal without indexing: its request id) resumes after the prefix.
+        for cut in self._prefix_lengths:
+            if cut < end:
+                hit = self._cache.get(data[:cut])
+                if (hit is not None and hit[1] <= limit
+                        and self._maxsize <= self.max_allowed_table_size):
+                    headers = list(hit[0])
+                    listsize = hit[1]
+                    pos = cut
+                    only_indexed = False
+                    break
+        append = headers.append
+        # Where the first literal starts (0: none, or the block resumed after a prefix), the fields
+        # and list size before it, and whether the block changed the table: what a prefix needs.
+        prefix_end = prefix_count = prefix_size = 0
+        inserted = False
         while pos < end:
             octet = data[pos]
             pos += 1
@@ -315,7 +343,11 @@ class Decoder:
                 append(header)
                 continue
 
-            only_indexed = False
+            if only_indexed:
+                only_indexed = False
+                prefix_end = pos - 1
+                prefix_count = len(headers)
+                prefix_size = listsize
             if octet & 0x40:
                 # §6.2.1 literal with incremental indexing, 6-bit name index.
                 index = octet & 0x3F
@@ -354,6 +386,7 @@ class Decoder:
             entry_size = len(name) + len(value) + 32
             header = NeverIndexedHeaderTuple(name, value) if never else (name, value)
             if indexing:
+                inserted = True
                 # §4.4: an entry larger than the table empties it and is not added.
                 maxsize = self._maxsize
                 self._cache.clear()
@@ -379,6 +412,17 @@ class Decoder:
             if len(cache) >= self.BLOCK_CACHE_SIZE:
                 cache.clear()
             cache[data] = (tuple(headers), listsize)
+        elif prefix_end and not inserted and prefix_end <= self.BLOCK_CACHE_MAX_LEN:
+            # Indexed fields then literals that left the table as it was: remember the prefix.
+            cache = self._cache
+            if len(cache) >= self.BLOCK_CACHE_SIZE:
+                cache.clear()
+            cache[data[:prefix_end]] = (tuple(headers[:prefix_count]), prefix_size)
+            lengths = self._prefix_lengths
+            if prefix_end not in lengths:
+                if len(lengths) >= self.PREFIX_LENGTHS:
+                    lengths.clear()
+                lengths.append(prefix_end)
         return headers
 
 
@@ -397,6 +441,10 @@ class Encoder:
     * Huffman coding is used only where it is strictly shorter than the raw string.
     * A field too large to ever fit the dynamic table is sent without indexing (hpack sends it
       with incremental indexing, which empties both tables).
+    * A field named in ``_http.PER_REQUEST`` (its value is new on every request) is sent as a literal
+      without indexing, the value not Huffman-coded (cheaper for the peer to decode); only when its
+      name is in no table is it indexed once, so that the next ones can name it by index.  When it
+      is the last field, the others are looked up in the block cache without it.
     * Table size changes since the last block are signalled as the minimum then the final size
       (RFC 7541 §4.2) rather than every intermediate value; setting the current value again
       does not cancel a pending change (in hpack it does, leaving a shrink unsignalled).
@@ -419,8 +467,9 @@ class Encoder:
         self._full: dict[tuple[bytes, bytes], int] = {}  # (name, value) -> seq of newest such entry
         self._names: dict[bytes, int] = {}  # name -> seq of newest entry with that name
         self._pending_min: int | None = None  # smallest table size set since the last block
-        # Blocks made only of indexed representations, valid while the dynamic table is unchanged.
-        self._block_cache: dict[tuple[object, ...], bytes] = {}
+        # Blocks made only of indexed representations (and, keyed on a name alone, the start of a
+        # per-request field's literal), valid while the dynamic table is unchanged.
+        self._block_cache: dict[object, bytes] = {}
 
     @property
     def header_table_size(self) -> int:
@@ -473,10 +522,16 @@ class Encoder:
         items = headers if type(headers) is tuple else tuple(headers)
         cache = self._block_cache
         pending = self._pending_min
+        # A last field whose value is new on every request (the request id) is encoded on its
+        # own, after the rest, so the rest can still come from the block cache.
+        tail = None
+        if items and items[-1][0] in PER_REQUEST:
+            tail = items[-1]
+            items = items[:-1]
         if pending is None:
             cached = cache.get(items)
             if cached is not None:
-                return cached
+                return cached if tail is None else cached + self._encode_tail(tail, huffman)
 
         parts: list[bytes] = []
         append = parts.append
@@ -508,7 +563,31 @@ class Encoder:
             if len(cache) >= self.BLOCK_CACHE_SIZE:
                 cache.clear()
             cache[items] = block
+        if tail is not None:
+            block += self._encode_tail(tail, huffman)
         return block
+
+    def _encode_tail(self, header: Any, huffman: bool) -> bytes:
+        """A per-request field after a (cached) block; an insertion invalidates the cached blocks.
+
+        Its name's representation (a literal without indexing, the name as an index) is
+        remembered in the block cache too, under the name alone, while the table is unchanged."""
+        cache = self._block_cache
+        name: bytes = header[0]
+        value: bytes = header[1]
+        prefix = cache.get(name)
+        if prefix is not None and type(header) is not NeverIndexedHeaderTuple:
+            n = len(value)
+            return prefix + (bytes((n,)) if n < 0x7F else encode_integer(n, 7)) + value
+        seq = self._seq
+        out = self._encode_field(header, huffman)
+        if self._seq != seq:
+            cache.clear()
+        elif out[0] & 0xF0 == 0 and out[0] & 0x0F:
+            # (a name index, so the value is the rest: remember what precedes it)
+            n = len(value)
+            cache[name] = out[:len(out) - n - len(encode_integer(n, 7))]
+        return out
 
     def _encode_field(self, header: Any, huffman: bool) -> bytes:
         """The slow path: anything but an exact match in a table."""
@@ -528,6 +607,12 @@ class Encoder:
         if sensitive:
             insert = False
             prefix_bits, flags = 4, 0x10
+        elif name in PER_REQUEST:
+            # Without indexing, the value as is (cheaper for the peer to decode than Huffman); the
+            # first such field is indexed so that its name gets a table index for the next ones.
+            huffman = False
+            insert = name_index is None and entry_size <= self._maxsize
+            prefix_bits, flags = (6, 0x40) if insert else (4, 0x00)
         elif entry_size > self._maxsize:
             insert = False
             prefix_bits, flags = 4, 0x00

@@ -43,6 +43,7 @@ __all__ = [
     "NEVER_INDEXED",
     "NO_BODY_STATUS",
     "OUTBOUND_STRIP_STR",
+    "PER_REQUEST",
     "SHORT_COOKIE",
     "BadRequest",
     "CompleteResponse",
@@ -138,6 +139,14 @@ NEVER_INDEXED = frozenset({b"authorization", b"proxy-authorization"})
 SHORT_COOKIE = 20
 
 
+#: Fields whose value is new on every request (the request id the forwarder sends): HPACK sends
+#: them as literals *without indexing*, their value not Huffman-coded, and the HTTP/2 core does not
+#: remember them as validated.  Indexed, each would add a table entry per request, shifting every
+#: other entry's index, so no header block would ever repeat and the block caches of both ends
+#: (and the core's validated-field cache) would miss on every request.
+PER_REQUEST = frozenset({b"x-request-id"})
+
+
 def never_indexed(name: bytes, value: bytes) -> bool:
     """Must this (lowercase) field be sent never-indexed?  (Hot paths inline the same test.)"""
     return name in NEVER_INDEXED or (name == b"cookie" and len(value) < SHORT_COOKIE)
@@ -231,7 +240,61 @@ def request_environ(environ: dict[str, Any], fields: Iterable[tuple[bytes, bytes
     dropped: ``x_foo`` would impersonate ``x-foo``, as nginx and gunicorn rule).
     Returns (``:scheme`` or None, the host value or None) for the caller's
     ``wsgi.url_scheme`` and ``SERVER_NAME``.  Raises :class:`BadRequest`.
+
+    The keys a request makes depend on nothing else, and a client or proxy repeats the same
+    requests: they are remembered per distinct (fields, method, target, authority), bounded, and
+    copied in with one ``update``.  A last field in :data:`PER_REQUEST` (the request id, new on
+    every request) is left out of that key and added on its own.
     """
+    if type(fields) is not list or not fields:
+        return _request_keys(environ, fields, method, target, authority)
+    tail = fields[-1]
+    if tail[0] in PER_REQUEST:
+        key = (tuple(fields[:-1]), method, target, authority)
+    else:
+        key = (tuple(fields), method, target, authority)
+        tail = None
+    hit = _ENVIRONS.get(key)
+    if hit is None:
+        keys: dict[str, Any] = {}
+        scheme, host_value = _request_keys(keys, key[0], method, target, authority)
+        if len(key[0]) <= ENVIRONS_MAX_FIELDS and sum([len(k) + len(v) for k, v in key[0]]) <= ENVIRONS_MAX_BYTES:
+            if len(_ENVIRONS) >= ENVIRONS_MAX:
+                _ENVIRONS.clear()
+            _ENVIRONS[key] = keys, scheme, host_value
+    else:
+        keys, scheme, host_value = hit
+    environ.update(keys)
+    if tail is not None:
+        _add_field(environ, tail[0], tail[1])
+    return scheme, host_value
+
+
+#: (fields, method, target, authority) -> (the environ keys they make, scheme, host value): what
+#: :func:`request_environ` remembers.  Bounded: at most ENVIRONS_MAX requests of at most
+#: ENVIRONS_MAX_FIELDS fields and ENVIRONS_MAX_BYTES bytes of names and values (the client
+#: chooses them); emptied when full.  (Plain dict reads and writes: safe across threads; a
+#: remembered dict is never changed.)
+_ENVIRONS: dict[tuple[Any, ...], tuple[dict[str, Any], str | None, str | None]] = {}
+ENVIRONS_MAX = 128
+ENVIRONS_MAX_FIELDS = 64
+ENVIRONS_MAX_BYTES = 4096
+
+
+def _add_field(environ: dict[str, Any], name_b: bytes, value_b: bytes) -> None:
+    """One ordinary field (not a pseudo-header nor a field with its own key) into ``environ``."""
+    key = _HTTP_KEYS.get(name_b) or _http_key(name_b)
+    if key is not None:
+        value = value_b.decode("latin-1")
+        if key in environ:
+            environ[key] += LIST_SEPARATOR + value
+        else:
+            environ[key] = value
+
+
+def _request_keys(environ: dict[str, Any], fields: Iterable[tuple[bytes, bytes]], method: bytes | None,
+                  target: bytes | None, authority: str | None) -> tuple[str | None, str | None]:
+    """What :func:`request_environ` adds, worked out from the fields."""
     scheme = host = cookie = None
     path = target
     http_keys = _HTTP_KEYS

@@ -142,8 +142,15 @@ def core_config(role: Role, options: TunnelOptions) -> H2Config:
         control_frame_rate=options.control_frame_rate,
         control_frame_burst=options.control_frame_burst,
         max_resets=worker.max_resets if worker is not None else 0,
+        # RFC 8441: the worker accepts WebSockets (rhttp_wsgi.websocket) when this is advertised.
+        enable_connect_protocol=worker.websockets if worker is not None else False,
         reset_window=RESET_WINDOW,
         max_encoder_table_size=MAX_ENCODER_TABLE_SIZE,
+        # Receive windows follow the bandwidth-delay product up to these caps (H2Core.acknowledge_received_data).
+        max_stream_window=options.max_window_size,
+        # (the connection window starts at connection_window_size: initiate())
+        max_connection_window=options.max_connection_window_size
+        if options.max_connection_window_size > options.connection_window_size else 0,
     )
 
 
@@ -174,8 +181,9 @@ class TunnelProtocol:
     * ``send_data(stream_id, data, end_stream=False)``: one DATA frame, within
       ``outbound_window(stream_id)`` and :attr:`max_outbound_frame_size`;
     * ``end_stream(stream_id)``: END_STREAM on an empty DATA frame;
-    * ``acknowledge_received_data(n, stream_id)``: the consumer took ``n`` bytes;
-      flow-control credit goes back when worth a WINDOW_UPDATE;
+    * ``acknowledge_received_data(n, stream_id, now=None)``: the consumer took ``n`` bytes
+      (at ``now``); flow-control credit goes back when worth a WINDOW_UPDATE, and the
+      windows grow toward the bandwidth-delay product (see :meth:`receive_windows`);
     * ``outbound_window(stream_id) -> int``: what may be sent on the stream now;
     * ``expected_content_length(stream_id) -> int | None``: the received message's
       content-length (None: absent, or the stream is not open);
@@ -236,7 +244,7 @@ class TunnelProtocol:
         """Queue our preface (worker) and SETTINGS, and open the connection window."""
         self._last_recv = now
         # The worker dialled, so its preface goes first, whatever its HTTP/2 role.
-        self.core.initiate_connection(preamble=PREFACE if self.role == "server" else b"")
+        self.core.initiate_connection(preamble=PREFACE if self.role == "server" else b"", now=now)
         delta = self._connection_window - 65535
         if delta > 0:
             self.core.increment_flow_control_window(delta)
@@ -369,6 +377,12 @@ class TunnelProtocol:
         except h2.exceptions.StreamClosedError:
             pass
 
+    def receive_windows(self) -> tuple[float | None, int, int]:
+        """Window tuning, for logs and tests: (smoothed PING round trip in seconds or None,
+        the connection's receive window, the largest window a stream has grown to)."""
+        core = self.core
+        return core.srtt, core.inbound_max, core.stream_window_learned
+
     @property
     def max_outbound_frame_size(self) -> int:
         """The largest DATA payload the peer accepts (its SETTINGS_MAX_FRAME_SIZE)."""
@@ -390,3 +404,7 @@ class TunnelProtocol:
     def peer_max_header_list_size(self) -> int | None:
         """The peer's SETTINGS_MAX_HEADER_LIST_SIZE (None: not advertised)."""
         return self.core.remote_settings.max_header_list_size
+
+    def peer_enable_connect_protocol(self) -> bool:
+        """The peer advertised SETTINGS_ENABLE_CONNECT_PROTOCOL = 1 (extended CONNECT, RFC 8441)."""
+        return bool(self.core.remote_settings.enable_connect_protocol)

@@ -46,6 +46,10 @@ Rules that keep it safe:
   bytes in or out of their channel.  The stream policy's ``*_locked`` hooks run
   under the lock and do neither I/O nor application code; its ``start`` runs
   after the lock is released.
+* ``Channel.on_input`` (set by a handler that needs a pollable descriptor: the
+  WebSocket's ``fileno()``) runs with the lock held whenever input may have become
+  readable; it takes only its own leaf lock and at most writes one byte to a local,
+  non-blocking socketpair (it never blocks and never touches the network).
 * Per-stream deadlines and the send stall are checked by the writer's existing
   timer loop: no per-request timer or thread.  Their values are per stream, set
   by the stream policy; the tunnel only keeps the clocks.
@@ -162,6 +166,8 @@ class Channel:
         "headers",
         "headers_sent",
         "in_ended",
+        "input_stopped",
+        "on_input",
         "out_done",
         "response",
         "send_stall_limit",
@@ -207,6 +213,15 @@ class Channel:
         self._retired = False
         #: Handed to a handler (app thread) that has not returned yet.
         self._handler = False
+        #: The handler will read no more (:meth:`stop_input`): ``read`` returns b''.
+        self.input_stopped = False
+        #: Called, with ``Tunnel.lock`` held, each time :meth:`input_pending_locked`
+        #: may have become true: body bytes arrived, the input ended or was stopped, or
+        #: the stream failed (on the reader thread, or whichever thread reset it, timed
+        #: it out or closed the tunnel).  It must be quick and never block; any lock it
+        #: takes must never be held while acquiring ``Tunnel.lock``.  The WebSocket's
+        #: socket (``rhttp_wsgi.websocket``) uses it to keep a descriptor readable.
+        self.on_input: Callable[[], None] | None = None
 
     def _waiter_locked(self) -> threading.Condition:
         """This stream's condition (bound to the tunnel lock), created on first use."""
@@ -247,7 +262,7 @@ class Channel:
         with t.lock:
             if not self._in and not self.in_ended and self.error is None:
                 deadline = None if timeout is None else time.monotonic() + timeout
-                while not self._in and not self.in_ended and self.error is None:
+                while not self._in and not self.in_ended and self.error is None and not self.input_stopped:
                     remaining = None if deadline is None else deadline - time.monotonic()
                     if remaining is not None and remaining <= 0:
                         raise StreamTimeout(f"stream {self.stream_id}: no body data within {timeout:g}s")
@@ -275,6 +290,29 @@ class Channel:
             self._in_size -= len(data)
             t._credit_locked(self.stream_id, len(data))
             return data
+
+    def input_pending_locked(self) -> bool:
+        """``read`` would not block: bytes are buffered, or the input ended, was stopped or failed."""
+        return bool(self._in) or self.in_ended or self.input_stopped or self.error is not None
+
+    def stop_input(self) -> None:
+        """The handler will read no more: ``read`` returns b'' from now on (waking a blocked reader).
+
+        Buffered and later body bytes are credited back to the peer and dropped.
+        The stream stays open otherwise: the handler may still write and end it.
+        (The worker's drain ends its WebSockets this way.)
+        """
+        with self.tunnel.lock:
+            if self.input_stopped:
+                return
+            self.input_stopped = True
+            self._drop_input_locked()
+            self._input_changed_locked()
+
+    def _input_changed_locked(self) -> None:
+        self._notify_locked()
+        if self.on_input is not None:
+            self.on_input()
 
     # -- outbound ---------------------------------------------------------------
 
@@ -420,7 +458,7 @@ class Channel:
     def _deliver_locked(self, data: bytes, flow_len: int) -> None:
         t = self.tunnel
         pad = flow_len - len(data)
-        if self.error is not None or self._retired:
+        if self.error is not None or self._retired or self.input_stopped:
             t._credit_locked(self.stream_id, flow_len)
             return
         if pad:
@@ -436,12 +474,12 @@ class Channel:
             self._in.append(data)
             self._in_size += len(data)
             self.bytes_in += len(data)
-            self._notify_locked()
+            self._input_changed_locked()
 
     def _ended_locked(self) -> None:
         """The peer ended its side (END_STREAM)."""
         self.in_ended = True
-        self._notify_locked()
+        self._input_changed_locked()
         if self.out_done:
             self.tunnel._retire_locked(self)
 
@@ -482,7 +520,7 @@ class Channel:
         self._out.clear()
         self._out_size = 0
         self.cancelled.set()
-        self._notify_locked()
+        self._input_changed_locked()
         self.tunnel._retire_locked(self)
 
     def _headers_sent_locked(self, end_stream: bool) -> None:
@@ -503,7 +541,7 @@ class Channel:
             t.proto.reset_stream(self.stream_id, ErrorCodes.NO_ERROR)
             self.in_ended = True
             self._drop_input_locked()
-            self._notify_locked()
+            self._input_changed_locked()
             t._retire_locked(self)
 
     def _flush_locked(self, budget: int) -> tuple[int, bool]:
@@ -920,7 +958,9 @@ class Tunnel:
     def _credit_locked(self, stream_id: int, n: int) -> None:
         if n <= 0 or self._closing:
             return
-        self.proto.acknowledge_received_data(n, stream_id)
+        # The time of the read, not of the last bytes received: a reader that comes back
+        # late must not look like one that keeps up (window tuning).
+        self.proto.acknowledge_received_data(n, stream_id, self._clock())
         if self.proto.has_output():
             self._kick_locked()
 

@@ -412,12 +412,13 @@ def _cmd_worker(args: argparse.Namespace) -> int:
             mh, mp = WorkerMetrics(pool).start_server(options.metrics_bind)
         log.info("metrics on http://%s:%d/metrics", mh, mp)
     # "ready" comes from the pool, once the first tunnel is up.
-    log.info("rhttp-wsgi %s worker: starting %s, dialling %s with %d tunnel(s)", __version__, args.app,
-             options.proxy, options.connections)
+    log.info("rhttp-wsgi %s worker: starting %s, dialling %s with %d tunnel(s)%s", __version__, args.app,
+             ", ".join(options.proxy or ()), options.connections,
+             " per proxy address" if len(options.proxy or ()) > 1 else "")
     drained = pool.serve_forever()
     if not pool.has_connected:
-        errors = [t.last_error for t in pool.tunnels() if t.last_error]
-        log.error("stopped before any tunnel connected to %s%s", options.proxy,
+        errors = pool.last_errors()
+        log.error("stopped before any tunnel connected to %s%s", ", ".join(options.proxy or ()),
                   f"; last error: {errors[0]}" if errors else "")
         return EXIT_NEVER_CONNECTED
     return EXIT_OK if drained else EXIT_DEADLINE
@@ -479,7 +480,8 @@ def _cmd_certs(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo_app import app
+    from .balancing import LeastInFlight
+    from .demo_app import DemoApp, RouteLog
     from .pki import DemoPKI
     from .proxy import Proxy
     from .worker import WorkerPool
@@ -487,8 +489,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="rhttp-demo-") as tmp:
         pki = DemoPKI.create(Path(tmp), worker_names=("demo-worker",))
         cert, key = pki.workers["demo-worker"]
+        # The proxy runs in this process: its selector records which tunnel carried each request,
+        # so the page can show the whole path.
+        routes = RouteLog(LeastInFlight())
+        app = DemoApp(routes=routes, worker_name="demo-worker")
         proxy = Proxy(cert=str(pki.server_cert), key=str(pki.server_key), workers_ca=str(pki.ca_cert),
-                      tunnel_bind="127.0.0.1:0", public_bind=f"{_bracket(args.host)}:{args.port}")
+                      tunnel_bind="127.0.0.1:0", public_bind=f"{_bracket(args.host)}:{args.port}",
+                      selector=routes)
         pool = None
         try:
             _, tport = proxy.start_tunnels()

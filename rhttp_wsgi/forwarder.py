@@ -55,6 +55,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from itertools import filterfalse
 from typing import Any
 from urllib.parse import quote
 
@@ -86,6 +87,17 @@ from .errors import (
 )
 from .options import ProxyOptions
 from .registry import Registry, WorkerInfo
+from .upgrade import (
+    ClientOffer,
+    HandshakeError,
+    Relay,
+    WebSocketStats,
+    client_offer,
+    connect_headers,
+    handshake_key,
+    response_head,
+    wants_websocket,
+)
 
 __all__ = ["Forwarder", "WSGIApp"]
 
@@ -109,11 +121,15 @@ _DROP = HOP_BY_HOP | frozenset({b"host", b"expect", b"http2-settings", b"x-reque
 #: RFC 3986 pchar plus "/" and "%": what may stay unescaped in :path.
 _PATH_SAFE = "/:@!$&'()*+,;=-._~"
 _BAD_TARGET = re.compile(r"[ \r\n\x00\t#]")
+#: What a Host value (an authority without userinfo) never holds.
+_BAD_AUTHORITY = re.compile(rb"[ /?#@]")
 #: Environ key -> the request field it holds (``HTTP_USER_AGENT`` -> ``user-agent``),
 #: b"" for a key that holds none.  Filled by :func:`_field_name`, bounded (clients
 #: choose the names).
 _ENVIRON_FIELDS: dict[str, bytes] = {}
 _ENVIRON_FIELDS_MAX = 1024
+#: The keys of _ENVIRON_FIELDS that hold no field.
+_NOT_FIELDS: set[str] = set()
 #: Request methods known to be tokens; Connection values -> the fields they make
 #: hop-by-hop.  Both bounded (clients choose them).
 _METHODS: set[str] = set()
@@ -144,6 +160,8 @@ class Forwarder:
         #: None when the access log is off (options.access_log): then nothing is measured.
         self.access = AccessLog.from_options(options, "proxy")
         self._trust_request_id = options.trust_request_id
+        #: WebSockets relayed (open now, in total, bytes each way): read by Proxy.websocket_stats().
+        self.websockets = WebSocketStats()
 
     def close(self) -> None:
         """Write the access lines still waiting and stop the access log's writer (Proxy.shutdown)."""
@@ -162,6 +180,8 @@ class Forwarder:
 
     def _respond(self, environ: dict[str, Any], start_response: StartResponse,
                  rec: AccessRecord | None) -> Iterable[bytes]:
+        if "HTTP_UPGRADE" in environ and self.options.websockets and wants_websocket(environ):
+            return self._websocket(environ, start_response, rec)
         try:
             method, headers, length = build_request(environ, self.options)
         except BadRequest as e:
@@ -346,6 +366,142 @@ class Forwarder:
                     ch.reset(ErrorCodes.CANCEL)
                     raise GatewayTimeout(f"no response from the worker within {timeout:g}s") from e
 
+    # -- WebSockets (the relay itself: rhttp_wsgi.upgrade) ----------------------------------------
+
+    def _websocket(self, environ: dict[str, Any], start_response: StartResponse,
+                   rec: AccessRecord | None) -> Iterable[bytes]:
+        """A public WebSocket upgrade: checked, sent as an extended CONNECT, answered 101, relayed."""
+        path = environ.get("PATH_INFO")
+        offer = client_offer(environ)
+        if offer is None:
+            log.info("GET %s: 501 for a WebSocket upgrade: the WSGI server offers no socket to take over", path)
+            return _error(start_response, 501, "WebSockets are not available through this WSGI server: it offers"
+                          " no way to take over the client connection (the turnkey server, werkzeug and"
+                          " gunicorn do)", rec=rec)
+        try:
+            key = handshake_key(environ)
+            _, headers, _ = build_request(environ, self.options)
+        except (HandshakeError, BadRequest) as e:
+            log.info("GET %s: %d for a WebSocket upgrade: %s", path, e.status, e)
+            return _error(start_response, e.status, str(e), getattr(e, "headers", None), rec=rec)
+        stats = self.websockets
+        limit = self.options.max_websockets
+        if not stats.reserve(limit):
+            log.warning("GET %s: 503 for a WebSocket upgrade: %d WebSockets open (max_websockets)", path, limit)
+            return _error(start_response, 503, f"too many WebSockets open ({limit}, max_websockets)",
+                          [("Retry-After", str(self.options.retry_after))], rec=rec)
+        try:
+            return self._relay_websocket(environ, start_response, rec, offer, key, connect_headers(headers))
+        finally:
+            stats.release()
+
+    def _open_websocket(self, environ: dict[str, Any], headers: list[tuple[bytes, bytes]],
+                        client_gone: Callable[[], bool] | None
+                        ) -> tuple[WorkerInfo, Channel, list[tuple[bytes, bytes]]]:
+        """Send the extended CONNECT to a worker that takes it; (worker, stream, response headers).
+
+        Like a bodyless GET, an upgrade that a worker refused before answering (REFUSED_STREAM, a
+        draining worker's GOAWAY, its tunnel lost) is retried on another worker, at most
+        MAX_RETRIES times: it processed nothing.  The worker stays reserved for the caller.
+        """
+        tried: list[WorkerInfo] = []
+        while True:
+            worker = self.registry.acquire(environ, tried, extended_connect=True)
+            try:
+                ch = worker.tunnel.open_stream(headers, end_stream=False)
+            except RHTTPError as e:
+                self.registry.release(worker)
+                tried.append(worker)
+                if len(tried) > MAX_RETRIES:
+                    raise BadGateway(f"no tunnel accepted the WebSocket upgrade: {e}") from e
+                continue
+            try:
+                return worker, ch, self._wait_response(ch, client_gone)
+            except (StreamReset, TunnelClosed) as e:
+                _finish(ch)
+                self.registry.release(worker)
+                if len(tried) < MAX_RETRIES and _refused(e, ch):
+                    log.info("worker %s refused the WebSocket upgrade of %s (%s); trying another worker",
+                             worker.id, environ.get("PATH_INFO"), e)
+                    tried.append(worker)
+                    continue
+                raise BadGateway(f"worker {worker.id} failed before answering the WebSocket upgrade: {e}") from e
+            except BaseException:
+                _finish(ch)
+                self.registry.release(worker)
+                raise
+
+    def _relay_websocket(self, environ: dict[str, Any], start_response: StartResponse, rec: AccessRecord | None,
+                         offer: ClientOffer, key: str, headers: list[tuple[bytes, bytes]]) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO")
+        gone = environ.get("rhttp.client_disconnected")
+        client_gone: Callable[[], bool] | None = gone if callable(gone) else None
+        try:
+            worker, ch, resp = self._open_websocket(environ, headers, client_gone)
+        except UpstreamError as e:
+            log.log(logging.WARNING if isinstance(e, BadGateway) else logging.INFO,
+                    "GET %s: %d for a WebSocket upgrade: %s", path, e.status, e)
+            extra = [("Retry-After", str(self.options.retry_after))] if e.status == 503 else []
+            return _error(start_response, e.status, str(e), extra, rec=rec)
+        if rec is not None:
+            rec.peer = worker
+        released = False
+        try:
+            try:
+                code, fields, _, _ = _response_head(resp)
+            except BaseException:
+                _finish(ch)
+                raise
+            if not 200 <= code < 300:
+                # The app answered without upgrading (403, 404...): an ordinary response.
+                if rec is not None:
+                    rec.status, rec.response_headers = code, fields
+                body = _ResponseBody(self.registry, worker, ch, client_gone, rec)
+                released = True
+                try:
+                    start_response(f"{code} {reason_phrase(code)}",
+                                   [(k.decode("latin-1"), v.decode("latin-1")) for k, v in fields])
+                except BaseException:
+                    body.close()
+                    raise
+                return body
+            head = response_head(key, fields)
+            block = h1_block(head)
+            if block is None:
+                _finish(ch)
+                raise BadGateway(f"the worker's WebSocket answer cannot be forwarded: {h1_problem(head)}")
+            self.websockets.opened()  # (before the 101: a client that saw it finds the socket counted)
+            try:
+                try:
+                    sock, early = offer.accept(b"HTTP/1.1 101 Switching Protocols\r\n%s\r\n" % block)
+                except OSError as e:
+                    _finish(ch)
+                    raise _ClientGone(f"the client went away before the 101: {e}") from e
+                if rec is not None:
+                    rec.status, rec.response_headers = 101, head
+                name = f"websocket {worker.id}/{ch.stream_id}"
+                log.debug("%s: GET %s upgraded", name, path)
+                relay = Relay(ch, sock, early, idle_timeout=self.options.websocket_idle_timeout,
+                              stats=self.websockets, name=name)
+                how = relay.run()
+            finally:
+                self.websockets.closed()
+            log.debug("%s: ended (%s): %d bytes up, %d down", name, how, relay.bytes_up, relay.bytes_down)
+            # (for custom access-log formats: %({rhttp.websocket_bytes_in}e)s)
+            environ["rhttp.websocket_bytes_in"] = relay.bytes_up
+            if rec is not None:
+                rec.sent = relay.bytes_down
+        except UpstreamError as e:
+            log.log(logging.INFO if isinstance(e, _ClientGone) else logging.WARNING,
+                    "GET %s: %d for a WebSocket upgrade: %s", path, e.status, e)
+            return _error(start_response, e.status, str(e), rec=rec)
+        finally:
+            if not released:
+                self.registry.release(worker)
+        if rec is not None:
+            rec.finish()
+        return offer.finish()
+
 
 class _ClientGone(UpstreamError):
     """The public client closed its connection; nobody will read the answer."""
@@ -495,7 +651,7 @@ def _authority(environ: Mapping[str, Any], scheme: str) -> bytes:
         default = "443" if scheme == "https" else "80"
         host = name if not port or port == default else f"{name}:{port}"
     authority = _encode(str(host), "Host")
-    if not authority or any(c in authority for c in b" /?#@"):
+    if not authority or _BAD_AUTHORITY.search(authority):
         raise BadRequest(400, "invalid Host header")
     return authority
 
@@ -519,11 +675,15 @@ def request_fields(environ: Mapping[str, Any]) -> list[tuple[bytes, bytes]]:
     """
     names = _ENVIRON_FIELDS
     fields: list[tuple[bytes, bytes]] = []
-    for key, value in environ.items():
+    # (the keys known to hold no field, most of an environ, are skipped at C speed)
+    for key in filterfalse(_NOT_FIELDS.__contains__, environ):
         name = names.get(key)
         if name is None:
             name = _field_name(key)
-        if not name or (name is _CONTENT_TYPE and not value):
+        if not name:
+            continue
+        value = environ[key]
+        if name is _CONTENT_TYPE and not value:
             continue
         text = value if type(value) is str else str(value)
         if "\n" in text or "\r" in text or "\x00" in text:
@@ -549,6 +709,8 @@ def _field_name(key: str) -> bytes:
         name = _CONTENT_TYPE if key == "CONTENT_TYPE" else b""
     if len(_ENVIRON_FIELDS) < _ENVIRON_FIELDS_MAX:
         _ENVIRON_FIELDS[key] = name
+        if not name:
+            _NOT_FIELDS.add(key)
     return name
 
 
@@ -641,8 +803,13 @@ def _response_head(resp: list[tuple[bytes, bytes]]) -> tuple[int, list[tuple[byt
     HTTP/1.1 can carry (:func:`~rhttp_wsgi._http.h1_block`): the public side is
     HTTP/1.1, and a value h11 refuses to write would otherwise cost the client
     its connection after the proxy had committed to the response.  Anything
-    wrong is a :class:`BadGateway` (502).
+    wrong is a :class:`BadGateway` (502).  What a field list makes is remembered
+    (bounded): a worker repeats its answers, and this is the proxy's per-response work.
     """
+    key = tuple(resp)
+    hit = _RESPONSE_HEADS.get(key)
+    if hit is not None:
+        return hit[0], list(hit[1]), hit[2], hit[3]
     status_b = None
     declared: bytes | None = None
     fields: list[tuple[bytes, bytes]] = []
@@ -670,7 +837,22 @@ def _response_head(resp: list[tuple[bytes, bytes]]) -> tuple[int, list[tuple[byt
     block = h1_block(fields)
     if block is None:
         raise BadGateway(f"the worker's response cannot be forwarded: {h1_problem(fields)}")
+    if len(key) <= _RESPONSE_HEADS_MAX_FIELDS and len(block) <= _RESPONSE_HEADS_MAX_BYTES:
+        if len(_RESPONSE_HEADS) >= _RESPONSE_HEADS_MAX:
+            _RESPONSE_HEADS.clear()
+        _RESPONSE_HEADS[key] = (code, tuple(fields), block, length)
     return code, fields, block, length
+
+
+#: Response field lists -> what :func:`_response_head` made of them (status, fields, block,
+#: length).  Bounded: at most _RESPONSE_HEADS_MAX lists of at most _RESPONSE_HEADS_MAX_FIELDS
+#: fields and a _RESPONSE_HEADS_MAX_BYTES block; emptied when full.  (Plain dict reads and
+#: writes: safe across threads; entries are never changed.)
+_Fields = tuple[tuple[bytes, bytes], ...]
+_RESPONSE_HEADS: dict[_Fields, tuple[int, _Fields, bytes, int | None]] = {}
+_RESPONSE_HEADS_MAX = 128
+_RESPONSE_HEADS_MAX_FIELDS = 32
+_RESPONSE_HEADS_MAX_BYTES = 2048
 
 
 def _status_code(status_b: bytes | None) -> int:

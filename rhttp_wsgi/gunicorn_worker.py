@@ -23,7 +23,11 @@ option: ``RHTTP_PROXY``, ``RHTTP_CERT``, ``RHTTP_KEY``, ``RHTTP_CA``,
 ``RHTTP_MAX_CONCURRENT_STREAMS``, ...; gunicorn's ``--env`` / ``raw_env`` works
 too, it is applied before they are read).  gunicorn settings that apply:
 
-* ``--workers N``: N processes, each with its own ``RHTTP_CONNECTIONS`` tunnels;
+* ``RHTTP_PROXY=p1:8443,p2:8443``: several proxies (or one name with several
+  addresses), each process dialling every one of them; a new process counts as
+  ready for a reload's hand-over once every proxy that answers has its tunnels;
+* ``--workers N``: N processes, each with its own ``RHTTP_CONNECTIONS`` tunnels
+  to every proxy;
 * ``--threads N``: the app thread pool size of each process when
   ``RHTTP_THREADS`` is unset and N > 1.  gunicorn's default (1) keeps
   rhttp-wsgi's default of 16 threads, because one tunnel multiplexes many
@@ -366,8 +370,8 @@ class RHTTPWorker(Worker):  # type: ignore[misc]  # gunicorn ships no type infor
         if not self.alive:  # SIGTERM while booting
             self.shared.update(self.age, os.getpid(), _EXITED)
             return
-        self.log.info("rhttp worker: dialling %s with %d tunnel(s), %d app thread(s)", self.options.proxy,
-                      self.options.connections, self.options.threads)
+        self.log.info("rhttp worker: dialling %s with %d tunnel(s), %d app thread(s)",
+                      ", ".join(self.options.proxy or ()), self.options.connections, self.options.threads)
         pool.start()
         try:
             self._serve(pool)
@@ -414,7 +418,9 @@ class RHTTPWorker(Worker):  # type: ignore[misc]  # gunicorn ships no type infor
             self.notify()
             if self._parent_gone():
                 break
-            if not ready and pool.wait_ready(0):
+            # Ready for the hand-over once every proxy that answers has our tunnels: an old worker
+            # drains from all of them, so a proxy we have not reached yet would be left with none.
+            if not ready and pool.wait_ready(0, every=True):
                 ready = True
                 self.shared.update(self.age, pid, _READY)
             if self.nr >= self.max_requests:

@@ -210,6 +210,10 @@ class ProxyMetrics(_Base):
         proxy.wsgi_app = InstrumentedApp(proxy.wsgi_app, self._observe)
 
     def _observe(self, environ: dict[str, Any], status: int, seconds: float, bytes_in: int, bytes_out: int) -> None:
+        if "rhttp.websocket_bytes_in" in environ:
+            # A relayed WebSocket: it answered 101 on the socket it took over (never through
+            # start_response); its bytes are rhttp_proxy_websocket_bytes.
+            status = 101
         self.forwards.labels(status=str(status)).inc()
         self.latency.observe(seconds)
         self.bytes.labels(direction="request").inc(bytes_in)
@@ -222,7 +226,7 @@ class _ProxyCollector:
         self._prom = prom
 
     def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import GaugeMetricFamily
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         workers = self._proxy.workers()
         attached = GaugeMetricFamily("rhttp_proxy_workers_attached", "Worker tunnels attached.")
@@ -233,6 +237,18 @@ class _ProxyCollector:
             in_flight.add_metric([w.id, w.common_name or ""], w.in_flight)
         yield attached
         yield in_flight
+        ws = self._proxy.websocket_stats()
+        ws_open = GaugeMetricFamily("rhttp_proxy_websockets_open", "Public WebSockets relayed now.")
+        ws_open.add_metric([], ws["open"])
+        yield ws_open
+        ws_total = CounterMetricFamily("rhttp_proxy_websockets", "Public WebSockets relayed (101 sent), in total.")
+        ws_total.add_metric([], ws["total"])
+        yield ws_total
+        ws_bytes = CounterMetricFamily("rhttp_proxy_websocket_bytes", "Bytes relayed over WebSockets, by direction"
+                                       " (up: client to worker).", labels=["direction"])
+        ws_bytes.add_metric(["up"], ws["bytes_up"])
+        ws_bytes.add_metric(["down"], ws["bytes_down"])
+        yield ws_bytes
 
     def describe(self) -> list[Any]:
         return []
@@ -280,6 +296,15 @@ class _WorkerCollector:
                                          labels=["slot"])
         for t in infos:
             reconnects.add_metric([str(t.slot)], t.reconnects)
+        per_proxy = GaugeMetricFamily("rhttp_worker_proxy_tunnels_up",
+                                      "Tunnels connected and accepting streams, per proxy entry and address.",
+                                      labels=["proxy", "address"])
+        counts: dict[tuple[str, str], int] = {}
+        for t in infos:
+            counts[(t.proxy, t.address)] = counts.get((t.proxy, t.address), 0) + int(t.connected)
+        for (proxy, address), n in counts.items():
+            per_proxy.add_metric([proxy, address], n)
+        yield per_proxy
         yield up
         yield in_flight
         yield reconnects

@@ -344,6 +344,24 @@ class TunnelOptions:
         None, "Serve Prometheus /metrics on HOST:PORT (needs the 'prometheus' extra).", metavar="HOST:PORT"
     )
     access_log_format: str = _opt("combined", FORMAT_HELP, metavar="FORMAT")
+    max_window_size: int = _opt(
+        32 << 20,
+        "Largest a stream's receive window grows to (bytes). A window starts at initial_window_size and grows"
+        " toward the bandwidth-delay product, up to this, while its reader keeps up and the peer is held back"
+        " by the window (half of it read within two PING round trips), so a long fat pipe fills; a slow or"
+        " stopped reader's window never grows, so this caps the bytes a stream leaves unread (the"
+        " connection window caps them all). At or below initial_window_size: fixed windows.",
+        minimum=65535,
+        maximum=MAX_WINDOW,
+    )
+    max_connection_window_size: int = _opt(
+        1 << 26,
+        "Largest the connection receive window grows to (bytes), the same way, from connection_window_size:"
+        " the cap on the bytes all streams of a tunnel together leave unread. At or below"
+        " connection_window_size: fixed.",
+        minimum=65535,
+        maximum=MAX_WINDOW,
+    )
 
     def __post_init__(self) -> None:
         """The checks every options class shares; subclasses run theirs around it."""
@@ -360,8 +378,14 @@ class TunnelOptions:
 class WorkerOptions(TunnelOptions):
     """Settings of a worker pool (the side that dials out and serves the app)."""
 
-    proxy: str = _opt(None, "Address of the reverse-HTTP proxy's tunnel port, HOST:PORT.", metavar="HOST:PORT",
-                      essential=1)
+    proxy: tuple[str, ...] | None = _opt(
+        None,
+        "The reverse-HTTP proxies' tunnel ports, HOST:PORT; several for high availability (every proxy gets"
+        " `connections` tunnels). A host name is resolved on every reconnect and each of its addresses gets"
+        " its own tunnels, so one DNS name can stand for a whole cluster of proxies.",
+        metavar="HOST:PORT",
+        essential=1,
+    )
     ca: str | None = _opt(
         None, "CA bundle (PEM) that signed the proxy's certificate; system roots when unset.", metavar="FILE",
         essential=5,
@@ -373,8 +397,8 @@ class WorkerOptions(TunnelOptions):
         metavar="NAME",
         essential=6,
     )
-    connections: int = _opt(1, "Number of tunnels to keep open to the proxy.", minimum=1, maximum=1024,
-                            essential=7)
+    connections: int = _opt(1, "Number of tunnels to keep open to each proxy (each address of a proxy name).",
+                            minimum=1, maximum=1024, essential=7)
     threads: int = _opt(
         16, "Size of the thread pool that runs the WSGI app (shared by all tunnels).", minimum=1, maximum=10000,
         essential=8,
@@ -420,7 +444,13 @@ class WorkerOptions(TunnelOptions):
     reconnect_min: float = _opt(
         0.5, "First retry delay after a failed dial or handshake (seconds, jittered).", minimum=0.0
     )
-    reconnect_max: float = _opt(30.0, "Cap of the growing retry delay (seconds).", minimum=0.0)
+    reconnect_max: float = _opt(
+        2.0,
+        "Cap of the growing retry delay while a proxy cannot be reached (seconds; each delay is drawn from"
+        " [cap/2, cap]); traffic resumes at most this long after the proxy accepts again. While a proxy is"
+        " down only one tunnel per proxy address probes it; the others follow once a probe gets through.",
+        minimum=0.0,
+    )
     url_scheme: str = _opt(
         "forwarded",
         "How wsgi.url_scheme is chosen: 'forwarded' (X-Forwarded-Proto, else :scheme), 'pseudo'"
@@ -442,11 +472,44 @@ class WorkerOptions(TunnelOptions):
         minimum=0,
         maximum=64,
     )
+    reconnect_refused_max: float = _opt(
+        30.0,
+        "Cap of the growing retry delay when a proxy answered but refused us (certificate or name not"
+        " accepted, GOAWAY with an error code, tunnels dropped right after their handshake): each retry"
+        " costs it a full TLS handshake, and only a change of files or configuration can help.",
+        minimum=0.0,
+    )
+    wait_all_proxies: bool = _opt(
+        False,
+        "wait_ready() (and the gunicorn worker's readiness) waits for every proxy address that answers,"
+        " not only the first proxy with all its tunnels up; a proxy whose last dial failed is not waited for.",
+    )
     access_log: bool = _opt(
         False,
         "Log one line per request the app served (logger rhttp_wsgi.access, INFO; format access_log_format)"
         " with the real client address and the proxy's request id. The CLI writes the lines bare on"
         " stderr, whatever the log level.",
+    )
+    websockets: bool = _opt(
+        True,
+        "Accept WebSockets (RFC 8441 extended CONNECT): advertise SETTINGS_ENABLE_CONNECT_PROTOCOL and hand"
+        " `:protocol websocket` streams to the app as an HTTP/1.1 upgrade (environ werkzeug.socket /"
+        " gunicorn.socket), as flask-sock, Flask-SocketIO (threading) and simple-websocket expect.",
+    )
+    max_websockets: int = _opt(
+        100,
+        "Most WebSockets open at once in this worker (all tunnels): each holds an app thread of its own pool"
+        " for its lifetime, separate from `threads`, so sockets cannot starve plain requests; one more gets"
+        " 503. Each also counts against its tunnel's max_concurrent_streams.",
+        minimum=1,
+        maximum=100000,
+    )
+    websocket_idle_timeout: float = _opt(
+        3600.0,
+        "A WebSocket with no traffic either way for this long (seconds; 0 = never) is closed: its stream is"
+        " reset (CANCEL), rhttp.cancelled is set and the app's reads return EOF. request_timeout does not"
+        " apply to WebSockets.",
+        minimum=0.0,
     )
     #: Not an option (no help: no flag, no variable): the WSGI app, given from Python.
     app: Callable[..., Any] | None = None
@@ -454,16 +517,23 @@ class WorkerOptions(TunnelOptions):
     def __post_init__(self) -> None:
         if self.proxy is None:
             raise ConfigError("proxy", "the proxy address (HOST:PORT) is required")
-        parse_address(self.proxy, option="proxy")
+        super().__post_init__()  # first: it turns a comma-separated proxy string into a tuple
+        if not self.proxy:
+            raise ConfigError("proxy", "the proxy address (HOST:PORT) is required")
+        for entry in self.proxy:
+            parse_address(entry, option="proxy")
+        if len(set(self.proxy)) != len(self.proxy):
+            raise ConfigError("proxy", f"a proxy is listed twice: {', '.join(self.proxy)}")
         if self.cert is None or self.key is None:
             raise MTLSRequiredError(
                 "cert", "a client certificate and key are required: the proxy authenticates workers by mTLS"
             )
-        super().__post_init__()
         if self.app is not None and not callable(self.app):
             raise ConfigError("app", f"the WSGI app must be callable, got {type(self.app).__name__}")
         if self.reconnect_max < self.reconnect_min:
             raise ConfigError("reconnect_max", "must be >= reconnect_min")
+        if self.reconnect_refused_max < self.reconnect_min:
+            raise ConfigError("reconnect_refused_max", "must be >= reconnect_min")
         if self.server_name is not None and (not self.server_name or any(c.isspace() for c in self.server_name)):
             raise ConfigError("server_name", f"invalid server name {self.server_name!r}")
 
@@ -478,25 +548,18 @@ class WorkerOptions(TunnelOptions):
         check_identity(self.cert or "", self.key or "", role="client")
 
     @property
-    def proxy_host(self) -> str:
-        return parse_address(self.proxy, option="proxy")[0]
+    def proxy_addresses(self) -> tuple[tuple[str, int], ...]:
+        """Each ``proxy`` entry as (host, port), in the order given."""
+        return tuple(parse_address(entry, option="proxy") for entry in self.proxy or ())
 
-    @property
-    def proxy_port(self) -> int:
-        return parse_address(self.proxy, option="proxy")[1]
+    def sni_for(self, host: str) -> str | None:
+        """The name sent in the ClientHello to proxy ``host``: None for IP literals (RFC 6066 forbids them)."""
+        name = self.verify_name_for(host)
+        return None if _is_ip(name) else name
 
-    @property
-    def sni(self) -> str | None:
-        """The name sent in the ClientHello: None for IP literals (RFC 6066 forbids them)."""
-        if self.server_name is not None:
-            return None if _is_ip(self.server_name) else self.server_name
-        host = self.proxy_host
-        return None if _is_ip(host) else host
-
-    @property
-    def verify_name(self) -> str:
-        """The name (or IP) the proxy's certificate must match."""
-        return self.server_name if self.server_name is not None else self.proxy_host
+    def verify_name_for(self, host: str) -> str:
+        """The name (or IP) the certificate of proxy ``host`` must match: ``server_name`` if set, else the host."""
+        return self.server_name if self.server_name is not None else host
 
 
 @dataclass(frozen=True)
@@ -576,6 +639,27 @@ class ProxyOptions(TunnelOptions):
         " (JSON) and /status (an HTML page that refreshes itself). No extra needed. The same address as"
         " metrics_bind serves /metrics there too. Keep it private (127.0.0.1 or an internal network).",
         metavar="HOST:PORT",
+    )
+    websockets: bool = _opt(
+        True,
+        "Relay public WebSocket upgrades (HTTP/1.1 Upgrade: websocket) to the workers that advertised"
+        " SETTINGS_ENABLE_CONNECT_PROTOCOL, as RFC 8441 extended CONNECT streams (503 when none did). Needs a"
+        " server that lets the forwarder take over the client socket: the turnkey one, werkzeug or gunicorn"
+        " (elsewhere 501). Off: an upgrade request is forwarded as a plain GET.",
+    )
+    max_websockets: int = _opt(
+        1000,
+        "Most public WebSockets relayed at once; one more gets 503. Each holds a public-server thread and a"
+        " relay thread for its lifetime, and a stream of its worker's tunnel (max_concurrent_streams).",
+        minimum=1,
+        maximum=1000000,
+    )
+    websocket_idle_timeout: float = _opt(
+        3600.0,
+        "A relayed WebSocket with no bytes either way for this long (seconds; 0 = never) is closed: the client"
+        " connection is cut and the worker's stream reset (CANCEL). response_timeout and idle_timeout do not"
+        " apply to an open WebSocket.",
+        minimum=0.0,
     )
 
     def __post_init__(self) -> None:

@@ -342,6 +342,11 @@ class Proxy:
         """Frozen snapshots of the attached workers, in attach order."""
         return self._registry.snapshot()
 
+    def websocket_stats(self) -> dict[str, int]:
+        """Public WebSockets relayed (:mod:`rhttp_wsgi.upgrade`): ``open`` now, ``total`` opened, and the
+        bytes relayed ``bytes_up`` (client to worker) and ``bytes_down`` (worker to client)."""
+        return self._forwarder.websockets.snapshot()
+
     def wait_for_workers(self, n: int = 1, timeout: float | None = None) -> bool:
         """Block until at least ``n`` workers are attached (selectable); False on timeout."""
         return self._registry.wait_for(n, timeout)

@@ -42,6 +42,11 @@ for the forwarder's needs:
   front-end can ever frame a request differently from this server (RFC 9112
   §5.2, §6.1, §6.3).  Bare LF line endings are accepted, as h11 (and RFC 9112
   §2.2) allow, and parsed consistently.
+* A body-less request that carries ``Upgrade`` gets ``environ["rhttp.upgrade"]``
+  (:class:`_UpgradeOffer`): the app may take the connection over (the
+  forwarder relays WebSockets over it, :mod:`rhttp_wsgi.upgrade`); it then
+  writes its own ``101`` head, and this server writes no response and closes
+  the connection when the app returns.
 * Access lines for the requests this server refuses itself (``access_log``, the
   proxy's :class:`~rhttp_wsgi.accesslog.AccessLog`; None: none): a malformed or
   oversized head (400, 431), a head that stalled after its first bytes (408), a
@@ -284,6 +289,9 @@ class _Connection:
         self.bypassed = False
         #: time.monotonic() when the current request's head began (its access line's start).
         self.head_start = 0.0
+        #: The app took the connection over (a WebSocket, ``environ["rhttp.upgrade"]``): no
+        #: response is written for the request, and the connection closes when the app returns.
+        self.upgraded = False
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:  # pragma: no cover
@@ -597,6 +605,8 @@ class _Connection:
         result: Iterable[bytes] | None = None
         try:
             result = s.app(environ, resp.start_response)
+            if self.upgraded:
+                return False
             whole = _whole_body(result) if resp.app_status is not None and not resp.sent else None
             if whole is not None:
                 if type(result) is not CompleteResponse or not resp.write_complete(result):
@@ -611,6 +621,9 @@ class _Connection:
             return False
         except Exception as e:
             method, target = req.method.decode("latin-1"), req.target.decode("latin-1")
+            if self.upgraded:
+                log.debug("%s: %s %s: the app that took the connection over raised %r", s.name, method, target, e)
+                return False
             if resp.sent:
                 # Truncate visibly: no terminating chunk, connection closed.
                 if self.client_gone():
@@ -701,6 +714,8 @@ class _Connection:
         environ["SERVER_PROTOCOL"] = "HTTP/1.1" if req.http_version == b"1.1" else (
             "HTTP/" + req.http_version.decode("latin-1"))
         environ["wsgi.input"] = _Input(self, self.bodyless)
+        if "HTTP_UPGRADE" in environ and self.bodyless:
+            environ["rhttp.upgrade"] = _UpgradeOffer(self)
         return environ
 
     def _make_base_environ(self) -> dict[str, Any]:
@@ -722,6 +737,39 @@ class _Connection:
             "wsgi.input_terminated": True,
             "rhttp.client_disconnected": self.client_gone,
         }
+
+
+class _UpgradeOffer:
+    """``environ["rhttp.upgrade"]``: this connection, offered to the app for a protocol switch
+    (the forwarder relays WebSockets over it, :mod:`rhttp_wsgi.upgrade`).
+
+    ``accept(head)`` writes the app's whole ``101`` head and returns the socket (non-TLS or
+    ``ssl.SSLSocket``) with the bytes the client already sent past its request; from then on
+    the connection is the app's, and this server closes it when the app returns, writing
+    nothing more.  Offered for body-less requests that carry ``Upgrade`` only.
+    """
+
+    __slots__ = ("_conn", "used")
+
+    def __init__(self, conn: _Connection) -> None:
+        self._conn = conn
+        self.used = False
+
+    def accept(self, head: bytes) -> tuple[socket.socket, bytes]:
+        if self.used:
+            raise RuntimeError("the connection was already taken over")
+        self.used = True
+        c = self._conn
+        c.upgraded = True
+        try:
+            c._write(head)
+        except _Closed as e:
+            raise ConnectionError(str(e)) from e
+        # h11 keeps whatever followed the request head (it was never asked for the next event).
+        return c.sock, c.h11.trailing_data[0]
+
+    def finish(self) -> list[bytes]:
+        return []
 
 
 def _whole_body(result: Iterable[bytes]) -> bytes | None:

@@ -62,6 +62,7 @@ class WorkerInfo:
     """
 
     __slots__ = (
+        "_connect",
         "_draining",
         "_mcs",
         "_state",
@@ -93,6 +94,7 @@ class WorkerInfo:
         self._state = _PENDING  # -> attached -> detached (registry lock)
         self._mcs = 0
         self._draining = False
+        self._connect = False
         self.tls_version = tls_version
 
     @property
@@ -103,6 +105,14 @@ class WorkerInfo:
         # Read without the tunnel lock (see the module doc): a plain int read of
         # the peer's settings, at worst one SETTINGS frame stale.
         return min(self.tunnel.proto.peer_max_concurrent_streams(), _UNLIMITED)
+
+    @property
+    def extended_connect(self) -> bool:
+        """The worker advertised SETTINGS_ENABLE_CONNECT_PROTOCOL: it takes WebSockets (RFC 8441)."""
+        if self._state == _SNAPSHOT or self.tunnel is None:
+            return self._connect
+        # A plain read of the peer's settings, as max_concurrent_streams (see the module doc).
+        return self.tunnel.proto.peer_enable_connect_protocol()
 
     @property
     def pending(self) -> bool:
@@ -131,6 +141,7 @@ class WorkerInfo:
         copy.sans = list(self.sans)
         copy._mcs = self.max_concurrent_streams
         copy._draining = self.draining
+        copy._connect = self.extended_connect
         copy._state = _SNAPSHOT
         return copy
 
@@ -159,7 +170,8 @@ class WorkerInfo:
 class Registry(Protocol):
     """What the forwarder needs from the worker registry: reserve a worker's stream slot, give it back."""
 
-    def acquire(self, environ: Mapping[str, Any], avoid: Sequence[WorkerInfo]) -> WorkerInfo: ...
+    def acquire(self, environ: Mapping[str, Any], avoid: Sequence[WorkerInfo], *,
+                extended_connect: bool = False) -> WorkerInfo: ...
 
     def release(self, worker: WorkerInfo) -> None: ...
 
@@ -177,11 +189,14 @@ class WorkerRegistry:
 
     # -- forwarders (server threads) ---------------------------------------------
 
-    def acquire(self, environ: Mapping[str, Any], avoid: Sequence[WorkerInfo]) -> WorkerInfo:
+    def acquire(self, environ: Mapping[str, Any], avoid: Sequence[WorkerInfo], *,
+                extended_connect: bool = False) -> WorkerInfo:
         """Pick a worker with a free stream slot and reserve it.
 
         Waits up to ``stream_wait`` while every eligible worker is full, and up
-        to ``attach_wait`` while no worker is attached at all.
+        to ``attach_wait`` while no worker is attached at all.  With
+        ``extended_connect`` (a WebSocket) only the workers that advertised
+        SETTINGS_ENABLE_CONNECT_PROTOCOL are eligible; none of them: 503 at once.
         """
         deadline: float | None = None
         attach_deadline: float | None = None
@@ -190,6 +205,11 @@ class WorkerRegistry:
                 if self.closed:
                     raise NoWorkerAvailable("the proxy is shutting down")
                 live = [w for w in self.attached if w.selectable]
+                if extended_connect and live:
+                    live = [w for w in live if w.extended_connect]
+                    if not live:
+                        raise NoWorkerAvailable("no attached worker accepts WebSockets (none advertised"
+                                                " SETTINGS_ENABLE_CONNECT_PROTOCOL, RFC 8441)")
                 if avoid:
                     fresh = [w for w in live if all(w is not a and w.id != a.id for a in avoid)]
                     if fresh:

@@ -10,8 +10,12 @@ by :meth:`StreamPolicy.start`):
 
 * an ordinary request: a WSGI call (:func:`rhttp_wsgi.wsgi.run_wsgi`) on the
   app thread pool;
-* ``:method CONNECT`` -- plain, or extended (RFC 8441/9220: with ``:protocol``,
-  e.g. a WebSocket): the handler registered for its ``:protocol`` in
+* ``:protocol websocket`` (RFC 8441), when the worker has a
+  :class:`~rhttp_wsgi.websocket.WebSocketService`: the WebSocket handler, on
+  that service's own thread pool and within its ``max_websockets`` (503 beyond,
+  answered here);
+* ``:method CONNECT`` -- plain, or extended (RFC 8441/9220: with another
+  ``:protocol``): the handler registered for its ``:protocol`` in
   ``connect_handlers`` (key ``None`` for a plain CONNECT), else
   :func:`connect_not_supported` (501).
 
@@ -28,8 +32,7 @@ stream gets just the send stall, and its handler sets any other limit itself
 (A peer may send an extended CONNECT only once the worker advertised
 SETTINGS_ENABLE_CONNECT_PROTOCOL, and the core treats ``:protocol`` as malformed
 until then: that is ``H2Config.enable_connect_protocol``, which
-``_protocol.core_config`` leaves off today.  So a handler keyed by a
-``:protocol`` also needs that switch on; a plain CONNECT reaches the policy now.)
+``_protocol.core_config`` sets from the ``websockets`` option, on by default.)
 
 The limits that answer with a status (the ``*_locked`` hooks, reader thread,
 tunnel lock held):
@@ -56,6 +59,7 @@ from h2.errors import ErrorCodes
 from ._tunnel import Channel
 from .errors import RHTTPError
 from .options import WorkerOptions
+from .websocket import WebSocketService
 from .wsgi import WSGIContext, run_wsgi
 
 __all__ = ["CONNECT_HANDLERS", "StreamHandler", "StreamPolicy", "connect_not_supported"]
@@ -73,8 +77,26 @@ _NOT_SUPPORTED_HEADERS = [(b":status", b"501"), (b"content-type", b"text/plain; 
 
 def connect_not_supported(ch: Channel, ctx: WSGIContext) -> None:
     """The answer to a CONNECT nobody handles: 501, and the stream ends."""
-    log.info("%s stream %d: 501 CONNECT is not supported", ch.tunnel.name, ch.stream_id)
-    ch.respond(list(_NOT_SUPPORTED_HEADERS), _NOT_SUPPORTED)
+    protocol = _protocol(ch.headers or [])
+    if protocol is None:
+        log.info("%s stream %d: 501 CONNECT is not supported", ch.tunnel.name, ch.stream_id)
+        ch.respond(list(_NOT_SUPPORTED_HEADERS), _NOT_SUPPORTED)
+        return
+    body = f"CONNECT with :protocol {protocol[:64]!r} is not supported\n".encode()
+    log.info("%s stream %d: 501 extended CONNECT for :protocol %r is not supported", ch.tunnel.name,
+             ch.stream_id, protocol[:64])
+    ch.respond([(b":status", b"501"), (b"content-type", b"text/plain; charset=utf-8"),
+                (b"content-length", str(len(body)).encode("ascii"))], body)
+
+
+def _protocol(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """An extended CONNECT's ``:protocol`` (None: a plain CONNECT); the pseudo-headers come first."""
+    for name, value in headers:
+        if name == b":protocol":
+            return value.decode("latin-1")
+        if name[:1] != b":":
+            break
+    return None
 
 
 #: ``:protocol`` of an extended CONNECT (None: a plain CONNECT) -> its handler.
@@ -88,16 +110,24 @@ class StreamPolicy:
     ``options`` gives the limits (``max_body_size``, ``request_timeout``,
     ``send_timeout``); ``ctx`` is what the tunnel's handlers share (the app,
     the peer); ``submit(fn, *args)`` runs ``fn(*args)`` on an app thread (an
-    :class:`~rhttp_wsgi._pool.AppThreadPool`'s ``submit``).
+    :class:`~rhttp_wsgi._pool.AppThreadPool`'s ``submit``).  ``websockets``
+    (the worker's :class:`~rhttp_wsgi.websocket.WebSocketService`, shared by its
+    tunnels) serves ``:protocol websocket`` on its own pool, within its limit
+    (503 beyond); without it a WebSocket is a CONNECT like any other.
     """
 
-    __slots__ = ("_connect", "_submit", "ctx", "max_body_size", "request_timeout", "send_timeout")
+    __slots__ = ("_connect", "_submit", "_websockets", "_ws_serve", "ctx", "max_body_size", "request_timeout",
+                 "send_timeout")
 
     def __init__(self, options: WorkerOptions, ctx: WSGIContext, submit: Callable[..., Any], *,
-                 connect_handlers: Mapping[str | None, StreamHandler] = CONNECT_HANDLERS) -> None:
+                 connect_handlers: Mapping[str | None, StreamHandler] = CONNECT_HANDLERS,
+                 websockets: WebSocketService | None = None) -> None:
         self.ctx = ctx
         self._submit = submit
         self._connect = connect_handlers
+        self._websockets = websockets
+        #: The WebSocket handler, bound once (start() recognises it by identity).
+        self._ws_serve: StreamHandler | None = websockets.serve if websockets is not None else None
         #: The limits, read once from ``options`` (same names).
         self.max_body_size = options.max_body_size
         self.request_timeout = options.request_timeout
@@ -147,17 +177,26 @@ class StreamPolicy:
     # -- what the stream becomes, no lock ------------------------------------------------
 
     def start(self, ch: Channel) -> None:
-        """Submit the stream's handler (chosen when it opened) to the app thread pool."""
-        self._submit(self._serve, ch.handler, ch)
+        """Submit the stream's handler (chosen when it opened) to the app thread pool.
+
+        A WebSocket goes to the WebSocket pool if its limit allows, else it is
+        answered 503 here (on the reader thread: ``respond`` never blocks).
+        """
+        handler = ch.handler
+        if handler is not self._ws_serve or handler is None:
+            self._submit(self._serve, handler, ch)
+            return
+        ws = self._websockets
+        assert ws is not None
+        if ws.admit():
+            ws.submit(self._serve, handler, ch)
+        else:
+            self._serve(ws.refuse, ch)
 
     def _connect_handler(self, headers: list[tuple[bytes, bytes]]) -> StreamHandler:
-        protocol = None
-        for name, value in headers:
-            if name == b":protocol":
-                protocol = value.decode("latin-1")
-                break
-            if name[:1] != b":":
-                break
+        protocol = _protocol(headers)
+        if protocol == "websocket" and self._ws_serve is not None:
+            return self._ws_serve
         return self._connect.get(protocol, connect_not_supported)
 
     def _serve(self, handler: StreamHandler, ch: Channel) -> None:

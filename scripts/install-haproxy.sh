@@ -4,6 +4,9 @@
 #
 # Usage:  scripts/install-haproxy.sh            (run as root; CI runs as root)
 #         HAPROXY_PREFIX=/some/dir scripts/install-haproxy.sh
+#         HAPROXY_SUITE=sid HAPROXY_PREFIX=/opt/rhttp-haproxy-new scripts/install-haproxy.sh
+#           (a newer HAProxy from another Debian suite, always by the private
+#           apt configuration below; docs/haproxy-drain.md measured 3.2 so)
 #
 # Result: "$PREFIX/bin/haproxy" (PREFIX defaults to /opt/rhttp-haproxy), a tiny
 # wrapper that `exec`s the real binary with all arguments passed through, so
@@ -211,7 +214,7 @@ system_apt_entries() {
 }
 
 install_from_trixie_debs() {
-    local host_codename="${OS_CODENAME:-bookworm}" target=trixie
+    local host_codename="${OS_CODENAME:-bookworm}" target="${HAPROXY_SUITE:-trixie}"
     local apt_dir="$TMP/apt" debs="$TMP/debs" newroot="$PREFIX/root.new"
     mkdir -p "$apt_dir/lists/partial" "$apt_dir/cache/archives/partial" \
         "$apt_dir/sources.list.d" "$apt_dir/preferences.d" "$debs"
@@ -223,8 +226,9 @@ install_from_trixie_debs() {
     while read -r uri suite sb; do
         case "$suite" in
             "$host_codename") newsuite="$target" ;;
-            "$host_codename"-security) newsuite="$target-security" ;;
-            "$host_codename"-updates) newsuite="$target-updates" ;;
+            # (sid has no -security or -updates suites)
+            "$host_codename"-security) [ "$target" != sid ] || continue; newsuite="$target-security" ;;
+            "$host_codename"-updates) [ "$target" != sid ] || continue; newsuite="$target-updates" ;;
             *) continue ;;
         esac
         if [ "$sb" = - ] || [ ! -r "$sb" ]; then
@@ -347,7 +351,9 @@ install_from_trixie_debs() {
 }
 
 start_ts=$(date +%s)
-if [ "$DEB_MAJOR" -ge 13 ]; then
+if [ -n "${HAPROXY_SUITE:-}" ] && [ "$DEB_MAJOR" -ge 12 ]; then
+    install_from_trixie_debs
+elif [ "$DEB_MAJOR" -ge 13 ]; then
     install_from_system_apt
 elif [ "$DEB_MAJOR" -eq 12 ]; then
     install_from_trixie_debs

@@ -188,7 +188,7 @@ def test_options_come_from_rhttp_environment_and_gunicorn_threads(pki: DemoPKI) 
            "RHTTP_CONNECTIONS": "3", "RHTTP_PING_INTERVAL": "2.5", "RHTTP_URL_SCHEME": "https"}
     o = build_options(_app, gunicorn_threads=8, environ=env)
     assert (o.proxy, o.connections, o.ping_interval, o.url_scheme, o.threads) == \
-        ("127.0.0.1:8443", 3, 2.5, "https", 8)
+        (("127.0.0.1:8443",), 3, 2.5, "https", 8)
     assert build_options(_app, gunicorn_threads=8, environ={**env, "RHTTP_THREADS": "2"}).threads == 2
     assert build_options(_app, gunicorn_threads=1, environ=env).threads == 16  # gunicorn's default keeps ours
     with pytest.raises(ConfigError, match="connections"):

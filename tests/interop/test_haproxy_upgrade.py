@@ -1,7 +1,8 @@
 """A public WebSocket upgrade through a real HAProxy never costs a tunnel.
 
-HAProxy 3.0 (and 3.5-dev) with our worker, which does not advertise
-SETTINGS_ENABLE_CONNECT_PROTOCOL: for a public ``Upgrade: websocket`` request
+HAProxy 3.0 (and 3.5-dev) with a worker that does not advertise
+SETTINGS_ENABLE_CONNECT_PROTOCOL (``websockets=False``; with it on, the upgrade is an
+extended CONNECT: tests/interop/test_haproxy_websocket.py): for a public ``Upgrade: websocket`` request
 HAProxy sends RST_STREAM(INTERNAL_ERROR) on stream ids it never opened (it
 tries the upgrade, finds the setting missing, and retries), up to six per
 request.  RFC 9113 §6.4 would let the worker treat that as a connection error,
@@ -25,10 +26,10 @@ UPGRADE = {"Host": "app.example", "Connection": "Upgrade", "Upgrade": "websocket
 
 def test_public_websocket_upgrades_leave_every_tunnel_serving(lab: Lab) -> None:
     _hp, tunnel_port, public_port = lab.start_recommended()
-    worker = lab.worker(TestApp("worker"), tunnel_port, connections=2)
+    worker = lab.worker(TestApp("worker"), tunnel_port, connections=2, websockets=False)
     lab.wait_serving(public_port, "/hello")
     for _ in range(5):
-        try:  # nothing can upgrade through this worker (yet): HAProxy refuses or hangs up
+        try:  # nothing can upgrade through this worker: HAProxy refuses or hangs up
             assert http_request(public_port, "GET", "/hello", headers=UPGRADE).status != 101
         except OSError:
             pass

@@ -797,7 +797,8 @@ MALFORMED: dict[str, list[tuple[str, str]]] = {
     "connect-with-path": [(":method", "CONNECT"), (":authority", "x:443"), (":scheme", "https"),
                           (":path", "/")],
     "empty-method": [(":method", ""), (":scheme", "https"), (":path", "/"), (":authority", "x")],
-    # RFC 8441 §3: :protocol only once the worker advertised SETTINGS_ENABLE_CONNECT_PROTOCOL (it does not)
+    # RFC 8441 §3: :protocol only once the worker advertised SETTINGS_ENABLE_CONNECT_PROTOCOL (here it
+    # does not: websockets=False, see the test)
     "extended-connect-not-advertised": [(":method", "CONNECT"), (":protocol", "websocket"), (":scheme", "https"),
                                         (":path", "/"), (":authority", "x")],
 }
@@ -806,7 +807,7 @@ MALFORMED: dict[str, list[tuple[str, str]]] = {
 @pytest.mark.parametrize("case", list(MALFORMED))
 def test_malformed_request_is_rst_protocol_error(make_worker: Any, case: str) -> None:
     app = Recorder()
-    h = make_worker(app)
+    h = make_worker(app, options=worker_options(websockets=case != "extended-connect-not-advertised"))
     h.peer.send_headers(1, MALFORMED[case], end_stream=True)
     r = h.peer.response(1)
     assert (r.status, r.reset) == (None, E.PROTOCOL_ERROR)  # RFC 9113 §8.1.1: a stream error

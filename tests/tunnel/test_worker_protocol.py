@@ -476,7 +476,8 @@ def test_window_update_waits_for_a_slow_reader(make_worker: Any) -> None:
         start_response("200 OK", [("Content-Type", "text/plain")])
         return [str(total).encode()]
 
-    h = make_worker(app, options=worker_options(initial_window_size=window))
+    # fixed windows: a reader this prompt on a socketpair would grow its window (test_window_tuning.py)
+    h = make_worker(app, options=worker_options(initial_window_size=window, max_window_size=window))
     p = h.peer
     p.request(1, "POST", "/", end_stream=False)
     p.send_body(1, b"a" * window, end_stream=False)

@@ -32,7 +32,8 @@ def make_cert(cn: str, serial: int, not_after: dt.datetime) -> x509.Certificate:
 def snapshot(cert: x509.Certificate, seq: int, *, draining: bool = False, in_flight: int = 0) -> WorkerInfo:
     w = WorkerInfo(seq, cert, ("192.0.2.7", 40000 + seq), tls_version="TLSv1.3")
     w.tunnel = SimpleNamespace(closing=False, accepting=not draining,  # type: ignore[assignment]
-                               proto=SimpleNamespace(peer_max_concurrent_streams=lambda: 100))
+                               proto=SimpleNamespace(peer_max_concurrent_streams=lambda: 100,
+                                                     peer_enable_connect_protocol=lambda: False))
     w.attached_at = NOW.timestamp() - 90
     w.in_flight = in_flight
     return w.snapshot()
@@ -123,7 +124,8 @@ def test_admin_app_routes_without_a_server(certs: dict[str, x509.Certificate]) -
 def test_a_snapshot_keeps_the_draining_state_it_was_taken_with(certs: dict[str, x509.Certificate]) -> None:
     w = WorkerInfo(1, certs["a"], ("192.0.2.7", 1))
     tunnel = SimpleNamespace(closing=False, accepting=False,
-                             proto=SimpleNamespace(peer_max_concurrent_streams=lambda: 1))
+                             proto=SimpleNamespace(peer_max_concurrent_streams=lambda: 1,
+                                                   peer_enable_connect_protocol=lambda: False))
     w.tunnel = tunnel  # type: ignore[assignment]
     frozen = w.snapshot()
     tunnel.accepting = True

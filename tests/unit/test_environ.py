@@ -71,6 +71,73 @@ def test_header_key_cache_is_bounded() -> None:
     assert len(_http.HOST_SPLITS) <= _http.HOSTS_MAX
 
 
+_PSEUDO = [(b":method", b"GET"), (b":scheme", b"https"), (b":path", b"/a?b=1"), (b":authority", b"h")]
+
+
+@pytest.mark.parametrize(("fields", "method", "target", "authority"), [
+    ([*_PSEUDO, (b"accept", b"*/*"), (b"x-request-id", b"rid")], None, None, None),
+    ([*_PSEUDO, (b"x-request-id", b"first"), (b"accept", b"*/*"), (b"x-request-id", b"rid")], None, None, None),
+    ([*_PSEUDO, (b"x-request-id", b"rid"), (b"accept", b"*/*")], None, None, None),
+    ([(b"x-request-id", b"rid")], b"GET", b"/", None),
+    ([(b"host", b"h:1"), (b"accept", b"a"), (b"x-request-id", b"rid")], b"GET", b"/p?q", None),
+    ([(b"host", b"h:1"), (b"cookie", b"a=1"), (b"cookie", b"b=2"), (b"content-length", b"3")], b"POST", b"/",
+     "auth:2"),
+    ([(b"host", b"h"), (b"content-type", b"a"), (b"content-type", b"b"), (b"x_under", b"1")], b"OPTIONS", b"*", None),
+], ids=["id-last", "id-twice", "id-not-last", "id-only", "http11", "cookies", "asterisk-form"])
+def test_remembered_request_keys_equal_a_cold_build(fields: list[tuple[bytes, bytes]], method: bytes | None,
+                                                    target: bytes | None, authority: str | None) -> None:
+    """``request_environ`` remembers what a field list makes, with a last ``x-request-id`` (new on
+    every request) left out and added on its own: every call equals a cold build (an iterator of
+    the same fields, never remembered), whatever the request id."""
+    for i in range(4):
+        current = [(n, b"%s-%d" % (v, i)) if n == b"x-request-id" else (n, v) for n, v in fields]
+        cold: dict[str, Any] = {"wsgi.url_scheme": "http"}
+        cold_result = _http.request_environ(cold, iter(current), method, target, authority)
+        warm: dict[str, Any] = {"wsgi.url_scheme": "http"}
+        assert _http.request_environ(warm, current, method, target, authority) == cold_result
+        assert warm == cold
+        warm["HTTP_ACCEPT"] = "changed by the app"  # the app owns its environ: nothing leaks to the next
+
+
+def test_requests_differing_only_in_the_request_line_are_told_apart() -> None:
+    fields = [(b"host", b"h:1"), (b"accept", b"a"), (b"x-request-id", b"r")]
+    for _ in range(2):
+        for method, target, authority in ((b"GET", b"/a", None), (b"HEAD", b"/a", None), (b"GET", b"/b?x", None),
+                                          (b"GET", b"/a", "other:2")):
+            env: dict[str, Any] = {}
+            _, host = _http.request_environ(env, fields, method, target, authority)
+            assert (env["REQUEST_METHOD"], env["RAW_URI"], host) == (
+                method.decode(), target.decode(), authority or "h:1")
+
+
+@pytest.mark.parametrize("fields", [
+    [*_PSEUDO, (b"content-length", b"x1")],
+    [*_PSEUDO, (b"content-length", b"1"), (b"content-length", b"2"), (b"x-request-id", b"r")],
+    [(b":method", b"CONNECT"), (b":authority", b"h:1")],
+    [(b":method", b"GET"), (b":path", b"no-slash"), (b"x-request-id", b"r")],
+])
+def test_bad_requests_are_refused_every_time(fields: list[tuple[bytes, bytes]]) -> None:
+    for _ in range(3):
+        with pytest.raises(_http.BadRequest):
+            _http.request_environ({}, fields)
+
+
+def test_remembered_request_keys_are_bounded() -> None:
+    for i in range(_http.ENVIRONS_MAX + 40):
+        env: dict[str, Any] = {}
+        _http.request_environ(env, [*_PSEUDO, (b"x-bound", b"%d" % i), (b"x-request-id", b"r")])
+        assert env["HTTP_X_BOUND"] == str(i) and env["HTTP_X_REQUEST_ID"] == "r"
+        assert len(_http._ENVIRONS) <= _http.ENVIRONS_MAX
+    _http._ENVIRONS.clear()
+    big = [*_PSEUDO, (b"x-big", b"v" * _http.ENVIRONS_MAX_BYTES)]
+    many = [*_PSEUDO, *[(b"x-f%d" % i, b"v") for i in range(_http.ENVIRONS_MAX_FIELDS)]]
+    for fields in (big, many):
+        env = {}
+        _http.request_environ(env, fields)
+        assert env["PATH_INFO"] == "/a"
+    assert not _http._ENVIRONS  # too large to remember
+
+
 @pytest.mark.parametrize(("host", "scheme", "name", "port"), [
     ("example.com", "http", "example.com", "80"),
     ("example.com", "https", "example.com", "443"),

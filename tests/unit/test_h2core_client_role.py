@@ -257,6 +257,41 @@ def test_invalid_outbound_request_raises(headers: list[tuple[bytes, bytes]]) -> 
     assert r.decode(r.out(), 1) == REQ
 
 
+def test_outbound_fields_remembered_as_valid_change_no_verdict() -> None:
+    """The client role remembers the ordinary fields it sent already normalised and valid; on one
+    warm connection every request list gets the verdict and the normalised fields that a fresh
+    connection gives it (a remembered field never lets a misplaced pseudo-header or a bad
+    neighbour through)."""
+    rng = random.Random(8113)
+    warm = Raw("client")
+    names: list[bytes | str] = [b"x-a", b"X-A", "x-a", b"accept", b"te", b"host", b"connection", b"x-request-id",
+                                b":path", b":foo", b"x b"]
+    values: list[bytes | str] = [b"1", b" 1", "1 ", b"trailers", b"example.com", b"a\r\nb", b"", b"gzip"]
+    sid = 1
+    accepted = refused = 0
+    for i in range(600):
+        fields = [*REQ, *[(rng.choice(names), rng.choice(values)) for _ in range(rng.randrange(4))]]
+        if rng.random() < 0.15:
+            rng.shuffle(fields)
+        verdicts = []
+        for r, stream in ((warm, sid), (Raw("client"), 1)):
+            try:
+                r.core.send_headers(stream, fields, end_stream=True)  # type: ignore[arg-type]
+            except h2x.ProtocolError:
+                verdicts.append(None)
+                continue
+            verdicts.append(r.decode(r.out(), stream))
+        assert verdicts[0] == verdicts[1], (i, fields)
+        if verdicts[0] is None:
+            refused += 1
+        else:
+            accepted += 1
+            warm.core.reset_stream(sid, E.CANCEL)
+            warm.out()
+            sid += 2
+    assert accepted > 100 and refused > 100, (accepted, refused)
+
+
 def test_too_many_streams_at_peer_limit() -> None:
     r = Raw("client", peer_settings={S.MAX_CONCURRENT_STREAMS: 2})
     r.core.send_headers(1, REQ, end_stream=True)

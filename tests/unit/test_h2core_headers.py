@@ -25,7 +25,6 @@ from tests.unit.h2core_harness import (
     REQ,
     SETTINGS,
     Raw,
-    config,
     data,
     frame,
     of,
@@ -103,10 +102,8 @@ EXTENDED_CONNECT = [(b":method", b"CONNECT"), (b":protocol", b"websocket"), (b":
 
 
 def _server(connect: bool, **kw: Any) -> Raw:
-    """The worker's end, advertising SETTINGS_ENABLE_CONNECT_PROTOCOL or not (no option sets it yet)."""
-    if connect:
-        return Raw("server", cfg=config("server", enable_connect_protocol=True, **kw))
-    return Raw("server", options("server", **kw))
+    """The worker's end, advertising SETTINGS_ENABLE_CONNECT_PROTOCOL (option ``websockets``) or not."""
+    return Raw("server", options("server", websockets=connect, **kw))
 
 
 @pytest.mark.parametrize("connect", [False, True], ids=["plain", "connect-protocol"])
@@ -116,6 +113,23 @@ def test_malformed_request_is_a_stream_error(case: str, connect: bool) -> None:
     events = r.stream_error(r.headers(1, MALFORMED_REQUESTS[case]), 1, E.PROTOCOL_ERROR)
     assert not of(events, ev.RequestReceived)
     r.request_ok(3)  # HPACK and the connection are fine
+
+
+def test_pseudo_header_fields_seen_valid_are_still_checked_for_place_and_repeats() -> None:
+    """The worker remembers pseudo-header fields whose characters passed; an invalid one is refused
+    every time it comes, and a remembered one is still refused out of place or repeated."""
+    r = _server(False, max_resets=0)
+    sid = 1
+    bad_path = [*REQ[:2], (b":path", b"/x\x00"), REQ[3]]
+    for case in (bad_path, bad_path, REQ, [*REQ, (b"x-a", b"1"), (b":path", b"/")], bad_path,
+                 [*REQ, REQ[0]], [(b"x-a", b"1"), *REQ], REQ):
+        if case is REQ:
+            r.request_ok(sid)
+            r.core.reset_stream(sid, E.CANCEL)
+            r.out()
+        else:
+            r.stream_error(r.headers(sid, case), sid, E.PROTOCOL_ERROR)
+        sid += 2
 
 
 def test_extended_connect_is_a_request_only_once_advertised() -> None:

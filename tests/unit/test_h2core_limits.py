@@ -321,7 +321,8 @@ def test_core_config_comes_from_the_options() -> None:
             worker.max_header_block) == (7, 4096, 4 * 4096, 4 * 4096)
     assert (worker.max_resets, worker.reset_window, worker.control_frame_rate, worker.control_frame_burst) == \
         (9, 10.0, 11.0, 12)
-    assert (worker.enable_connect_protocol, worker.max_encoder_table_size) == (False, 4096)
+    assert (worker.enable_connect_protocol, worker.max_encoder_table_size) == (True, 4096)  # (websockets)
+    assert not core_config("server", options("server", websockets=False)).enable_connect_protocol
     proxy = core_config("client", options("client", max_header_list_size=4096))
     assert (proxy.client_side, proxy.validate_outbound) == (True, True)
     assert (proxy.soft_max_header_count, proxy.soft_max_header_list_size, proxy.max_resets) == (0, 0, 0)

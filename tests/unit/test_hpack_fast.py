@@ -369,6 +369,118 @@ def test_encoder_block_cache_dropped_on_resize() -> None:
     assert d.decode(e.encode(block), raw=True) == block
 
 
+_STEADY_REQUEST = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"127.0.0.1:8080"),
+                   (b":path", b"/"), (b"user-agent", b"h2load nghttp2/1.52.0"), (b"accept", b"*/*"),
+                   (b"x-forwarded-for", b"127.0.0.1"), (b"x-forwarded-proto", b"http")]
+
+
+def test_request_id_is_a_literal_without_indexing_so_the_rest_of_the_block_repeats() -> None:
+    """A value new on every request would add a table entry per request (shifting every other
+    index, so no block would repeat): after the first, it is sent without indexing, the name as an
+    index and the value as it is, after the same bytes as the previous request."""
+    e = Encoder()
+    d = hpack.Decoder()
+    blocks = []
+    for i in range(50):
+        rid = b"0a1b2c3d4e-%d" % i
+        block = e.encode([*_STEADY_REQUEST, (b"x-request-id", rid)])
+        assert d.decode(block, raw=True) == [*_STEADY_REQUEST, (b"x-request-id", rid)]
+        assert e.dynamic_table == _hpack_table(d)
+        blocks.append((block, rid))
+    table = e.dynamic_table
+    assert len(table) == len(_STEADY_REQUEST) - 3 + 1  # (:method, :scheme, :path: static) + the first id
+    for block, rid in blocks[2:]:
+        head = block[:len(block) - len(rid) - 1]
+        assert block[len(head):] == bytes((len(rid),)) + rid  # not Huffman-coded
+        # a literal without indexing, the name as index 62 (15 + 47: the first id's entry, the newest)
+        assert head[-2:] == b"\x0f\x2f"
+        assert head[:-2] == blocks[2][0][:len(head) - 2]  # the indexed fields: the same bytes each time
+        assert all(b & 0x80 for b in head[:-2])
+    # A never-indexed id stays never-indexed; a request id in the middle of a block is still not indexed.
+    block = e.encode([(b"x-request-id", b"secret"), *_STEADY_REQUEST])
+    block2 = e.encode([NeverIndexedHeaderTuple(b"x-request-id", b"n1"), *_STEADY_REQUEST])
+    (first, *_) = d.decode(block2, raw=True)
+    assert isinstance(first, NeverIndexedHeaderTuple)
+    assert d.decode(block, raw=True)[0] == (b"x-request-id", b"secret")
+    assert e.dynamic_table == table == _hpack_table(d)
+
+
+def test_request_id_name_is_indexed_again_once_evicted() -> None:
+    e = Encoder()
+    d = hpack.Decoder()
+    e.header_table_size = 200
+    d.max_allowed_table_size = 4096
+    for i in range(30):
+        fields = [(b"x-big", b"v%d" % i * 20), (b"x-request-id", b"id-%d" % i)]
+        assert d.decode(e.encode(fields), raw=True) == fields
+        assert e.dynamic_table == _hpack_table(d)
+        assert e.table_size <= 200
+
+
+def test_decoder_resumes_after_a_remembered_indexed_prefix() -> None:
+    """Our encoder's blocks with a request id decoded by us and by hpack: the same fields and tables,
+    whichever prefix the decoder remembered, including after table changes and size updates."""
+    rng = random.Random(14)
+    enc = Encoder()
+    theirs = hpack.Decoder(max_header_list_size=1 << 20)
+    ours = Decoder(max_header_list_size=1 << 20)
+    variants = [_STEADY_REQUEST, _STEADY_REQUEST[:5], [*_STEADY_REQUEST, (b"cookie", b"a-long-session-id-0123456789")],
+                [(b":status", b"200"), (b"content-type", b"text/plain")]]
+    for i in range(1500):
+        if rng.random() < 0.02:
+            size = rng.choice([0, 100, 1000, 4096])
+            enc.header_table_size = size
+        base = rng.choice(variants)
+        if rng.random() < 0.1:
+            base = [*base, (b"x-n", b"%d" % rng.randrange(10))]  # sometimes inserts
+        tail: list[tuple[bytes, bytes]] = [(b"x-request-id", b"r-%d" % i)] if rng.random() < 0.8 else []
+        if rng.random() < 0.1:
+            tail.append(NeverIndexedHeaderTuple(b"authorization", b"Bearer t"))
+        fields = [*base, *tail]
+        data = enc.encode(fields, huffman=rng.random() < 0.8)
+        expected = theirs.decode(data, raw=True)
+        got = ours.decode(data)
+        assert got == [tuple(h) for h in expected] == fields, i
+        assert [isinstance(h, NeverIndexedHeaderTuple) for h in got] == [
+            isinstance(h, NeverIndexedHeaderTuple) for h in expected], i
+        assert ours.dynamic_table == _hpack_table(theirs) == enc.dynamic_table, i
+
+
+def test_decoder_prefix_follows_the_table_and_the_limits() -> None:
+    d = Decoder()
+    d.decode(b"\x40\x01a\x011")  # a: 1 at index 62
+    # Indexed :method GET and a: 1, then a literal without indexing (name index 62): remembered prefix
+    assert d.decode(b"\x82\xbe\x0f\x2f\x01x") == [(b":method", b"GET"), (b"a", b"1"), (b"a", b"x")]
+    got = d.decode(b"\x82\xbe\x0f\x2f\x01y")
+    assert got == [(b":method", b"GET"), (b"a", b"1"), (b"a", b"y")]
+    got.append((b"junk", b""))  # the caller owns the returned list
+    assert d.decode(b"\x82\xbe\x0f\x2f\x01z") == [(b":method", b"GET"), (b"a", b"1"), (b"a", b"z")]
+    d.decode(b"\x40\x01a\x012")  # index 62 is now a: 2
+    assert d.decode(b"\x82\xbe\x0f\x2f\x01z") == [(b":method", b"GET"), (b"a", b"2"), (b"a", b"z")]
+    d.max_header_list_size = 90  # the prefix alone is 72 bytes, with the literal 105
+    with pytest.raises(OversizedHeaderListError):
+        d.decode(b"\x82\xbe\x0f\x2f\x01z")
+    d.max_header_list_size = 60
+    with pytest.raises(OversizedHeaderListError):
+        d.decode(b"\x82\xbe\x0f\x2f\x01z")
+    d.max_header_list_size = 1000
+    d.max_allowed_table_size = 10
+    with pytest.raises(InvalidTableSizeError):
+        d.decode(b"\x82\xbe\x0f\x2f\x01z")
+    d = Decoder()
+    d.decode(b"\x40\x01a\x011")
+    assert d.decode(b"\x82\x0f\x2f\x01x") == [(b":method", b"GET"), (b"a", b"x")]
+    with pytest.raises(InvalidTableIndex):  # a remembered prefix, then garbage: still an error
+        d.decode(b"\x82\xc5")  # index 69: beyond the table
+    d = Decoder()
+    d.decode(b"\x40\x01a\x011")
+    assert d.decode(b"\x82\x0f\x2f\x01x") == [(b":method", b"GET"), (b"a", b"x")]
+    # A block that inserts after the same prefix inserts every time it is received.
+    for _ in range(2):
+        assert d.decode(b"\x82\x40\x01c\x011") == [(b":method", b"GET"), (b"c", b"1")]
+    assert d.dynamic_table == [(b"c", b"1"), (b"c", b"1"), (b"a", b"1")]
+
+
 def test_encoder_huffman_only_when_shorter() -> None:
     e = Encoder()
     out = e.encode([(b"x-bin", b"\xfe\xff\xfe")], huffman=True)

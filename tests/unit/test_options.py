@@ -158,7 +158,7 @@ def test_settings_reference_documents_list_options() -> None:
     assert "A list option takes its CLI flag once per value" in text
     assert "| `proxies` | `--proxies` (repeatable) | `RHTTP_PROXIES` (comma-separated) | none |" in text
     assert "| `ports` | `--ports` (repeatable) | `RHTTP_PORTS` (comma-separated) | (8443,) |" in text
-    assert "A list option" not in settings_reference()  # none of the real options is one yet
+    assert "| `proxy` | `--proxy` (repeatable) | `RHTTP_PROXY` (comma-separated) | required |" in settings_reference()
 
 
 ABUSE_LIMITS = {
@@ -236,3 +236,32 @@ def test_invalid_options_name_the_option(pki: DemoPKI, kwargs: dict[str, object]
         WorkerPool(_app, **base)
     assert info.value.option == option
     assert str(info.value).startswith(option)
+
+
+# -- several proxies (issue 13) --------------------------------------------------------------------
+
+
+def test_proxy_takes_a_list_a_comma_separated_string_or_repeated_flags() -> None:
+    base = {"cert": "w.crt", "key": "w.key"}
+    assert WorkerOptions(proxy="a:1", **base).proxy == ("a:1",)
+    assert WorkerOptions(proxy="a:1, b:2", **base).proxy == ("a:1", "b:2")
+    assert WorkerOptions(proxy=["a:1", "[::1]:2"], **base).proxy_addresses == (("a", 1), ("::1", 2))
+    assert options_from_environ(WorkerOptions, {"RHTTP_PROXY": "a:1,b:2"})["proxy"] == ("a:1", "b:2")
+    parser = argparse.ArgumentParser()
+    _add_option_flags(parser, WorkerOptions)
+    assert _collect(WorkerOptions, parser.parse_args(["--proxy", "a:1", "--proxy", "b:2"]))["proxy"] == ("a:1", "b:2")
+
+
+@pytest.mark.parametrize(("value", "needle"), [("", "required"), ("a:1,a:1", "listed twice"), ("a:1,b", "HOST:PORT")])
+def test_a_bad_proxy_list_is_refused_naming_the_option(value: str, needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle) as info:
+        WorkerOptions(proxy=value, cert="w.crt", key="w.key")
+    assert info.value.option == "proxy"
+
+
+def test_server_name_is_each_proxy_host_unless_set() -> None:
+    o = WorkerOptions(proxy="p1.example:1,10.0.0.2:1", cert="w.crt", key="w.key")
+    assert (o.verify_name_for("p1.example"), o.sni_for("p1.example")) == ("p1.example", "p1.example")
+    assert (o.verify_name_for("10.0.0.2"), o.sni_for("10.0.0.2")) == ("10.0.0.2", None)  # no SNI for an IP
+    named = WorkerOptions(proxy="p1.example:1,10.0.0.2:1", cert="w.crt", key="w.key", server_name="edge.example")
+    assert named.verify_name_for("10.0.0.2") == named.sni_for("p1.example") == "edge.example"

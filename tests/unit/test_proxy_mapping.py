@@ -109,6 +109,20 @@ def test_response_headers_validation() -> None:
             _response_head(bad)
 
 
+def test_remembered_response_heads_are_the_callers_to_change() -> None:
+    """A repeated response's head comes from memory: the same answer each time, a list the caller
+    may extend (the forwarder appends a content-length), and bad heads refused every time."""
+    resp = [(b":status", b"200"), (b"content-type", b"text/plain"), (b"content-length", b"13")]
+    for _ in range(3):
+        status, headers, block, length = _response_head(list(resp))
+        assert (status, headers, block, length) == (
+            200, resp[1:], b"content-type: text/plain\r\ncontent-length: 13\r\n", 13)
+        headers.append((b"x-added", b"1"))
+    for _ in range(3):
+        with pytest.raises(BadGateway):
+            _response_head([(b":status", b"200"), (b"x", b"a\x0bb")])
+
+
 class _Fake:
     def __init__(self, seq: int, cn: str, in_flight: int) -> None:
         self.seq, self.id, self.common_name, self.in_flight = seq, f"w{seq}", cn, in_flight

@@ -24,15 +24,16 @@ def cert() -> x509.Certificate:
     return x509.load_pem_x509_certificate(pem)
 
 
-def _tunnel(mcs: int = 2) -> Any:
-    """The three things the registry reads from a tunnel."""
+def _tunnel(mcs: int = 2, connect: bool = False) -> Any:
+    """The four things the registry reads from a tunnel."""
     return SimpleNamespace(closing=False, accepting=True,
-                           proto=SimpleNamespace(peer_max_concurrent_streams=lambda: mcs))
+                           proto=SimpleNamespace(peer_max_concurrent_streams=lambda: mcs,
+                                                 peer_enable_connect_protocol=lambda: connect))
 
 
-def _worker(cert: x509.Certificate, seq: int, mcs: int = 2) -> WorkerInfo:
+def _worker(cert: x509.Certificate, seq: int, mcs: int = 2, connect: bool = False) -> WorkerInfo:
     w = WorkerInfo(seq, cert, ("192.0.2.1", 5000 + seq))
-    w.tunnel = _tunnel(mcs)
+    w.tunnel = _tunnel(mcs, connect)
     return w
 
 
@@ -95,3 +96,22 @@ def test_worker_info_is_still_importable_from_the_proxy() -> None:
     from rhttp_wsgi.proxy import WorkerInfo as FromProxy
 
     assert FromProxy is WorkerInfo
+
+
+def test_websockets_go_only_to_workers_that_advertised_extended_connect(cert: x509.Certificate) -> None:
+    reg = WorkerRegistry(LeastInFlight(), stream_wait=0.0)
+    plain, ws = _worker(cert, 1, mcs=10), _worker(cert, 2, mcs=10, connect=True)
+    reg.attach(plain)
+    reg.attach(ws)
+    for _ in range(3):
+        assert reg.acquire({}, (), extended_connect=True) is ws
+    assert ws.in_flight == 3 and plain.in_flight == 0
+    assert reg.acquire({}, ()) is plain  # requests still go to every worker (least in flight)
+    assert [s.extended_connect for s in reg.snapshot()] == [False, True]
+
+
+def test_no_worker_that_advertised_extended_connect_is_503_at_once(cert: x509.Certificate) -> None:
+    reg = WorkerRegistry(LeastInFlight(), stream_wait=5.0, attach_wait=5.0)
+    reg.attach(_worker(cert, 1))
+    with pytest.raises(NoWorkerAvailable, match="SETTINGS_ENABLE_CONNECT_PROTOCOL"):
+        reg.acquire({}, (), extended_connect=True)

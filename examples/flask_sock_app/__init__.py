@@ -1,0 +1,1 @@
+"""A flask-sock (WebSocket) app served through rhttp-wsgi (see README.md)."""

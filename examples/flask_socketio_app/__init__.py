@@ -1,0 +1,1 @@
+"""A Flask-SocketIO app (threading mode) served through rhttp-wsgi (see README.md)."""
