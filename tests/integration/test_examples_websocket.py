@@ -11,8 +11,12 @@ Subprocesses are stopped by pid (tests/websocket_e2e.py).
 
 from __future__ import annotations
 
+import queue
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -135,3 +139,66 @@ def test_flask_socketio_chat_is_broadcast_to_every_client(flask_socketio: Served
     finally:
         for c in clients:
             c.close()
+
+
+# -- Flask-SocketIO with the real python-socketio client (long-polling, then the upgrade) ----------
+
+
+class _RealClient:
+    """A ``socketio.Client`` with default transports (polling first, then the WebSocket upgrade).
+
+    Every event it receives goes to a queue; reconnection is off so a failure stays a failure.
+    """
+
+    def __init__(self, served: Served) -> None:
+        socketio = pytest.importorskip("socketio", reason="python-socketio[client] is in the 'test' extra")
+        self.events: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self.sio = socketio.Client(reconnection=False, request_timeout=WAIT)
+        for event in ("echo", "chat"):
+            self.sio.on(event, lambda data, event=event: self.events.put((event, data)))
+        self.sio.connect(f"http://{served.endpoint.host}:{served.endpoint.port}", wait_timeout=WAIT)
+
+    def next_event(self) -> tuple[str, Any]:
+        return self.events.get(timeout=WAIT)
+
+    def wait_for_websocket(self) -> str:
+        """The transport once the upgrade is done, or the last one seen after WAIT seconds."""
+        done = threading.Event()
+        deadline = time.monotonic() + WAIT
+        while self.sio.transport() != "websocket" and time.monotonic() < deadline:
+            done.wait(0.05)  # bounded poll: the upgrade has no event of its own to wait on
+        return str(self.sio.transport())
+
+    def close(self) -> None:
+        if self.sio.connected:
+            self.sio.disconnect()
+        self.sio.wait()  # returns once the background tasks are done (no reconnection)
+
+
+def test_flask_socketio_real_client_polls_then_upgrades_to_websocket(flask_socketio: Served) -> None:
+    a = _RealClient(flask_socketio)
+    try:
+        # The polling handshake offered the upgrade, and the client took it.
+        assert "websocket" in a.sio.eio.upgrades, a.sio.eio.upgrades
+        assert a.wait_for_websocket() == "websocket"
+        assert a.sio.sid
+
+        # echo: the server acks the call (the handler returns nothing) and emits the payload back.
+        for payload in ("héllo ✓", {"n": 1, "list": [1, 2, 3]}, bytes(range(256))):
+            assert a.sio.call("echo", payload, timeout=WAIT) is None
+            assert a.next_event() == ("echo", payload)
+
+        # chat: broadcast to every client, sender included.
+        b = _RealClient(flask_socketio)
+        try:
+            assert b.wait_for_websocket() == "websocket"
+            a.sio.emit("chat", "hello from a")
+            assert a.next_event() == ("chat", "hello from a")
+            assert b.next_event() == ("chat", "hello from a")
+        finally:
+            b.close()
+        assert not b.sio.connected
+    finally:
+        a.close()
+    assert not a.sio.connected and a.sio.eio.state == "disconnected"
+    assert flask_socketio.endpoint.get("/hello") == (200, b"hello from flask-socketio\n")
