@@ -80,12 +80,12 @@ from typing import Any
 import h11
 from h2.errors import ErrorCodes
 
-from ._http import HOP_BY_HOP, BadRequest, valid_name, valid_value
+from ._http import HOP_BY_HOP, BadRequest
 from ._pool import AppThreadPool
 from ._tunnel import Channel
 from .errors import RHTTPError, StreamTimeout
 from .options import WorkerOptions
-from .wsgi import WSGIContext, build_environ
+from .wsgi import WSGIContext, build_environ, encode_response_fields
 
 __all__ = ["TunnelSocket", "WebSocketService", "serve_websocket", "upgrade_fields"]
 
@@ -411,7 +411,7 @@ class TunnelSocket:
         if not code_text.isdigit() or (len(status) > 3 and status[3] != " "):
             raise ValueError(f"invalid status line {status!r}")
         code = int(code_text)
-        fields = _wsgi_fields(headers)
+        fields, _ = encode_response_fields(headers)
         with self._lock:
             if self.touched:
                 return
@@ -758,22 +758,6 @@ def _chain(first: Iterable[bytes], rest: Iterable[bytes] | None) -> Iterator[byt
         yield from rest
 
 
-def _wsgi_fields(headers: list[tuple[str, str]]) -> Headers:
-    """``start_response`` headers as HTTP/2 fields (lowercase names; invalid ones refused)."""
-    out: Headers = []
-    for item in headers:
-        if not isinstance(item, tuple) or len(item) != 2:
-            raise TypeError(f"header must be a (name, value) tuple, got {item!r}")
-        name, value = item
-        if not isinstance(name, str) or not isinstance(value, str):
-            raise TypeError(f"header name and value must be str: {item!r}")
-        lname = name.lower()
-        if not name.isascii() or not valid_name(lname):
-            raise ValueError(f"invalid header name {name!r}")
-        if not valid_value(value):
-            raise ValueError(f"header {name!r} has CR, LF or NUL in its value")
-        out.append((lname.encode("ascii"), value.strip(" \t").encode("latin-1")))
-    return out
 
 
 def _respond(ch: Channel, status: int, message: str, extra: Headers | None = None) -> None:

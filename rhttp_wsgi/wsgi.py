@@ -36,7 +36,7 @@ from ._tunnel import Channel
 from .accesslog import AccessLog, TunnelIdentity, forwarded_client, new_request_id, request_id
 from .errors import RHTTPError, StreamReset, StreamTimeout, TunnelClosed
 
-__all__ = ["FileWrapper", "InputStream", "WSGIContext", "run_wsgi"]
+__all__ = ["FileWrapper", "InputStream", "WSGIContext", "encode_response_fields", "run_wsgi"]
 
 log = logging.getLogger("rhttp_wsgi.wsgi")
 app_log = logging.getLogger("rhttp_wsgi.app")
@@ -341,6 +341,22 @@ def _encode_headers(status: str, headers: list[tuple[str, str]]) -> tuple[int, l
         st = _encode_status(status)
     code, status_pair = st
     out: list[tuple[bytes, bytes]] = [status_pair]
+    return code, out, _encode_fields(headers, out)
+
+
+def encode_response_fields(headers: list[tuple[str, str]]) -> tuple[list[tuple[bytes, bytes]], int | None]:
+    """A ``start_response`` header list as HTTP/2 fields, and its Content-Length (None without one).
+
+    The same rules as a WSGI response's (the module's one header encoder): refuses
+    (TypeError/ValueError) what PEP 3333 and RFC 9113 forbid, drops the
+    connection-specific fields, strips values, keeps credentials out of HPACK tables.
+    """
+    out: list[tuple[bytes, bytes]] = []
+    return out, _encode_fields(headers, out)
+
+
+def _encode_fields(headers: list[tuple[str, str]], out: list[tuple[bytes, bytes]]) -> int | None:
+    """Append ``headers`` to ``out`` as HTTP/2 fields; return their Content-Length."""
     content_length: int | None = None
     names = _PLAIN_NAMES
     for item in headers:
@@ -362,7 +378,7 @@ def _encode_headers(status: str, headers: list[tuple[str, str]]) -> tuple[int, l
         cl = _encode_header(item, out)
         if cl is not None:
             content_length = cl
-    return code, out, content_length
+    return content_length
 
 
 def _encode_status(status: str) -> tuple[int, tuple[bytes, bytes]]:
