@@ -16,6 +16,7 @@ from h2.connection import H2Connection
 from h2.errors import ErrorCodes as E
 from h2.settings import SettingCodes as S
 
+from rhttp_wsgi._http import CONNECTION_SPECIFIC, valid_name, valid_value
 from tests.unit.h2core_harness import (
     CONTINUATION,
     END_HEADERS,
@@ -257,11 +258,32 @@ def test_invalid_outbound_request_raises(headers: list[tuple[bytes, bytes]]) -> 
     assert r.decode(r.out(), 1) == REQ
 
 
+def _h2_sends(fields: list[tuple[bytes | str, bytes | str]]) -> bool:
+    conn = H2Connection(H2Configuration(client_side=True, header_encoding=None, validate_outbound_headers=True,
+                                        normalize_outbound_headers=True))
+    conn.initiate_connection()
+    try:
+        conn.send_headers(1, fields, end_stream=True)
+    except h2x.ProtocolError:
+        return False
+    return True
+
+
+def _lower(name: bytes | str) -> bytes:
+    return (name.encode("latin-1") if isinstance(name, str) else name).lower()
+
+
+def _field_ok(name: bytes | str, value: bytes | str) -> bool:
+    n = name.decode("latin-1") if isinstance(name, bytes) else name
+    v = value.decode("latin-1") if isinstance(value, bytes) else value
+    return (n[:1] == ":" or valid_name(n.lower())) and valid_value(v)
+
+
 def test_outbound_fields_remembered_as_valid_change_no_verdict() -> None:
     """The client role remembers the ordinary fields it sent already normalised and valid; on one
     warm connection every request list gets the verdict and the normalised fields that a fresh
     connection gives it (a remembered field never lets a misplaced pseudo-header or a bad
-    neighbour through)."""
+    neighbour through), and h2's client is the oracle for every verdict."""
     rng = random.Random(8113)
     warm = Raw("client")
     names: list[bytes | str] = [b"x-a", b"X-A", "x-a", b"accept", b"te", b"host", b"connection", b"x-request-id",
@@ -282,6 +304,12 @@ def test_outbound_fields_remembered_as_valid_change_no_verdict() -> None:
                 continue
             verdicts.append(r.decode(r.out(), stream))
         assert verdicts[0] == verdicts[1], (i, fields)
+        # The oracle: h2's client accepts the same lists, except that we drop connection-specific
+        # fields where h2 refuses them, and h2 does not check a name's token characters or a
+        # value's CR/LF/NUL on the way out, which RFC 9113 §8.2.1 makes malformed and we refuse.
+        kept = [(n, v) for n, v in fields if _lower(n) not in CONNECTION_SPECIFIC]
+        expected = _h2_sends(kept) and all(_field_ok(n, v) for n, v in kept)
+        assert (verdicts[0] is not None) == expected, (i, fields)
         if verdicts[0] is None:
             refused += 1
         else:
