@@ -1180,20 +1180,14 @@ class H2Core:
                     regular = True
                 append(h)
                 continue
-            name, value = h[0], h[1]
-            if isinstance(name, str):
-                name = name.encode("utf-8")
-            if isinstance(value, str):
-                value = value.encode("utf-8")
-            name = name.lower()
-            if name in CONNECTION_SPECIFIC:
+            field = _normalize_field(h)
+            if field is None:
                 continue
-            never = isinstance(h, NeverIndexedHeaderTuple)
+            name, value = field
             if name[:1] == b":":
                 if regular or name not in _REQUEST_PSEUDO or name in pseudo:
                     raise h2x.ProtocolError(f"invalid pseudo-header {name!r} in a request")
                 pseudo[name] = value
-                field = NeverIndexedHeaderTuple(name, value) if never else (name, value)
                 append(field)
                 if field == h and len(name) + len(value) <= 256:
                     if len(valid) >= 2048:
@@ -1201,10 +1195,8 @@ class H2Core:
                     valid[field] = True
                 continue
             regular = True
-            value = value.strip(b" \t")
             if not name or H2_BAD_NAME.search(name) or (value and BAD_VALUE.search(value)):
                 raise h2x.ProtocolError(f"invalid header field {name!r}")
-            field = NeverIndexedHeaderTuple(name, value) if never else (name, value)
             append(field)
             if name == b"te":
                 if value.lower() != b"trailers":
@@ -1507,18 +1499,21 @@ def _normalize_outbound(headers: list[Any]) -> list[Any]:
     """Client role (what h2 did with outbound normalisation on): lowercase names, strip
     surrounding whitespace from values, drop connection-specific fields.  (Credentials are
     never indexed by the HPACK encoder itself, for every list.)"""
-    out: list[Any] = []
-    for h in headers:
-        name, value = h[0], h[1]
-        if isinstance(name, str):
-            name = name.encode("utf-8")
-        if isinstance(value, str):
-            value = value.encode("utf-8")
-        name = name.lower()
-        if name in CONNECTION_SPECIFIC:
-            continue
-        if name[:1] != b":":
-            value = value.strip(b" \t")
-        out.append(NeverIndexedHeaderTuple(name, value) if isinstance(h, NeverIndexedHeaderTuple) else (name, value))
-    return out
+    return [field for h in headers if (field := _normalize_field(h)) is not None]
+
+
+def _normalize_field(h: Any) -> Any:
+    """One outbound field as :func:`_normalize_outbound` makes it (bytes, lowercase name, a
+    regular field's value stripped), or None for a connection-specific field (dropped)."""
+    name, value = h[0], h[1]
+    if isinstance(name, str):
+        name = name.encode("utf-8")
+    if isinstance(value, str):
+        value = value.encode("utf-8")
+    name = name.lower()
+    if name in CONNECTION_SPECIFIC:
+        return None
+    if name[:1] != b":":
+        value = value.strip(b" \t")
+    return NeverIndexedHeaderTuple(name, value) if isinstance(h, NeverIndexedHeaderTuple) else (name, value)
 

@@ -304,6 +304,12 @@ class Forwarder:
                 rec.sent = 0 if method == "HEAD" else len(data)
                 result.on_close = rec.finish  # the line is written once the server is done with it
             return result
+        return self._stream_response(start_response, rec, worker, ch, client_gone, code, fields)
+
+    def _stream_response(self, start_response: StartResponse, rec: AccessRecord | None, worker: WorkerInfo,
+                         ch: Channel, client_gone: Callable[[], bool] | None, code: int,
+                         fields: list[tuple[bytes, bytes]]) -> _ResponseBody:
+        """Start the response and return the iterable that streams its body (it releases the worker)."""
         if rec is not None:
             rec.status, rec.response_headers = code, fields
         body_iter = _ResponseBody(self.registry, worker, ch, client_gone, rec)
@@ -454,17 +460,8 @@ class Forwarder:
                 raise
             if not 200 <= code < 300:
                 # The app answered without upgrading (403, 404...): an ordinary response.
-                if rec is not None:
-                    rec.status, rec.response_headers = code, fields
-                body = _ResponseBody(self.registry, worker, ch, client_gone, rec)
                 released = True
-                try:
-                    start_response(f"{code} {reason_phrase(code)}",
-                                   [(k.decode("latin-1"), v.decode("latin-1")) for k, v in fields])
-                except BaseException:
-                    body.close()
-                    raise
-                return body
+                return self._stream_response(start_response, rec, worker, ch, client_gone, code, fields)
             head = response_head(key, fields)
             block = h1_block(head)
             if block is None:

@@ -85,7 +85,7 @@ from ._pool import AppThreadPool
 from ._tunnel import Channel
 from .errors import RHTTPError, StreamTimeout
 from .options import WorkerOptions
-from .wsgi import WSGIContext, build_environ, encode_response_fields
+from .wsgi import WSGIContext, build_environ, close_response, encode_response_fields
 
 __all__ = ["TunnelSocket", "WebSocketService", "serve_websocket", "upgrade_fields"]
 
@@ -732,12 +732,7 @@ def serve_websocket(ch: Channel, ctx: WSGIContext, *, idle_timeout: float = 0.0,
             log.error("%s: application error on an open WebSocket; resetting the stream", where, exc_info=True)
             ch.reset(ErrorCodes.INTERNAL_ERROR)
     finally:
-        close = getattr(result, "close", None)
-        if close is not None:
-            try:
-                close()
-            except Exception:
-                log.error("%s: the response iterable's close() failed", where, exc_info=True)
+        close_response(result, where)
         try:
             sock.finish()
         except RHTTPError:

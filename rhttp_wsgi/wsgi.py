@@ -36,7 +36,7 @@ from ._tunnel import Channel
 from .accesslog import AccessLog, TunnelIdentity, forwarded_client, new_request_id, request_id
 from .errors import RHTTPError, StreamReset, StreamTimeout, TunnelClosed
 
-__all__ = ["FileWrapper", "InputStream", "WSGIContext", "encode_response_fields", "run_wsgi"]
+__all__ = ["FileWrapper", "InputStream", "WSGIContext", "close_response", "encode_response_fields", "run_wsgi"]
 
 log = logging.getLogger("rhttp_wsgi.wsgi")
 app_log = logging.getLogger("rhttp_wsgi.app")
@@ -344,6 +344,17 @@ def _encode_headers(status: str, headers: list[tuple[str, str]]) -> tuple[int, l
     return code, out, _encode_fields(headers, out)
 
 
+def close_response(result: Any, where: str) -> None:
+    """PEP 3333: call the response iterable's ``close()`` if it has one, whatever happened; a
+    failure there is logged (naming ``where``), never raised."""
+    close = getattr(result, "close", None)
+    if close is not None:
+        try:
+            close()
+        except Exception:
+            log.error("%s: the response iterable's close() failed", where, exc_info=True)
+
+
 def encode_response_fields(headers: list[tuple[str, str]]) -> tuple[list[tuple[bytes, bytes]], int | None]:
     """A ``start_response`` header list as HTTP/2 fields, and its Content-Length (None without one).
 
@@ -636,12 +647,7 @@ def run_wsgi(ch: Channel, ctx: WSGIContext) -> None:
                       _request_line(ch, environ), exc_info=True)
             ch.reset(ErrorCodes.INTERNAL_ERROR)
     finally:
-        close = getattr(result, "close", None)
-        if close is not None:
-            try:
-                close()
-            except Exception:
-                log.error("%s: the response iterable's close() failed", _request_line(ch, environ), exc_info=True)
+        close_response(result, _request_line(ch, environ))
         if rec is not None:
             # (a stream reset before any header went out has no status)
             rec.status = resp.status if ch.headers_sent else None
