@@ -239,9 +239,11 @@ def test_proxy_restart_under_load_loses_no_request(env: Env, record_property: Re
     # Spread by jitter, not in lockstep: every pool's redial (refused while no proxy listened)
     # waited a delay drawn from its jitter source; while the proxy is down one tunnel per address
     # probes it and its siblings follow the probe that gets through (worker._await_turn), so one
-    # draw per pool may be all.  (The delays are observed where they are chosen: measured
-    # reattach times would only bound them from below by luck.)
-    assert all(len(draws[name]) >= 1 for name in names), {n: len(d) for n, d in draws.items()}
+    # draw per pool may be all -- and none for a pool whose first redial already found proxy B
+    # listening (a dial that succeeds is never delayed), so only some pool is sure to have drawn.
+    # (The delays are observed where they are chosen: measured reattach times would only bound
+    # them from below by luck.)
+    assert any(draws.values()), {n: len(d) for n, d in draws.items()}
     figures = {"reconnect_min_ms": round(reconnect[0], 1),
                "reconnect_median_ms": round(statistics.median(reconnect), 1),
                "reconnect_max_ms": round(reconnect[-1], 1), "requests_ok": len(loop.responses),
