@@ -193,23 +193,26 @@ def start_gunicorn(lab: Lab, delay: float, rate: float | None) -> System:
                   label="client -> delay line -> gunicorn gthread (plain TCP)")
 
 
-def _worker(lab: Lab, name: str, port: int, extra: list[str]) -> Proc:
-    w = lab.worker(name, port, threads=4, mcs=100)
+def _worker(lab: Lab, name: str, port: int, extra: list[str], root: Path = ROOT) -> Proc:
+    w = lab.worker(name, port, threads=4, mcs=100, root=root)
     w.argv += extra
     return w.start()
 
 
-def start_proxy(lab: Lab, name: str, delay: float, rate: float | None, extra: list[str]) -> System:
+def start_proxy(lab: Lab, name: str, delay: float, rate: float | None, extra: list[str],
+                root: Path = ROOT) -> System:
     tport, pport = free_ports(2)
     p = Proc(name, [PY, "-m", "rhttp_wsgi", "--log-level", "warning", "proxy",
                     "--tunnel-bind", f"127.0.0.1:{tport}", "--public-bind", f"127.0.0.1:{pport}",
                     "--cert", str(lab.pki.server_cert), "--key", str(lab.pki.server_key),
-                    "--workers-ca", str(lab.pki.ca_cert), "--no-access-log", *extra], CPU_FRONT, lab.logs).start()
+                    "--workers-ca", str(lab.pki.ca_cert), "--no-access-log", *extra], CPU_FRONT, lab.logs,
+             root=root).start()
     _wait_port(tport, [p])
     d, dport = delay_line(lab, f"delayline-{name}", tport, delay, rate)
-    w = _worker(lab, f"worker-{name}", dport, extra)
+    w = _worker(lab, f"worker-{name}", dport, extra, root)
     s = System(name, f"http://127.0.0.1:{pport}", [p, d, w], w, p,
-               label="client -> our proxy -> delay line -> worker")
+               label="client -> our proxy -> delay line -> worker"
+                     + (f" (source tree {root})" if root != ROOT else ""))
     wait_ready(s.base + "/", [p, d, w], timeout=60)
     return s
 
@@ -258,11 +261,21 @@ def main(argv: list[str] | None = None) -> int:
                          " examples/haproxy/haproxy.cfg)")
     ap.add_argument("--haproxy-bufsize", type=int, default=65536,
                     help="tune.bufsize of the 'haproxy' system (default 65536; 0: HAProxy's 16 KiB)")
+    ap.add_argument("--tree", action="append", default=[], metavar="NAME=DIR",
+                    help="also run the 'proxy' system from another source tree (a checkout of the repo), as"
+                         " 'proxy[NAME]', interleaved with the others: a before/after comparison in one run")
     ap.add_argument("--json", default=None, help="also write the samples here")
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory (logs, configs)")
     args = ap.parse_args(argv)
     size = args.size * MIB
     wanted = [s for s in args.systems.split(",") if s]
+    trees: dict[str, Path] = {}
+    for spec in args.tree:
+        tname, _, tdir = spec.partition("=")
+        if not tname or not (Path(tdir) / "rhttp_wsgi").is_dir():
+            ap.error(f"--tree {spec!r}: expected NAME=DIR with DIR/rhttp_wsgi")
+        trees[f"proxy[{tname}]"] = Path(tdir).resolve()
+        wanted.append(f"proxy[{tname}]")
     haproxy = find_haproxy(args.haproxy)
     samples: dict[tuple[str, str], list[float]] = {}
     labels: dict[str, str] = {}
@@ -282,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
                 "haproxy-1m": lambda: start_haproxy(lab, "haproxy-1m", haproxy or "", 1 << 20, None,
                                                     args.delay, args.rate),
             }
+            for tname, tdir in trees.items():
+                starters[tname] = lambda tname=tname, tdir=tdir: start_proxy(lab, tname, args.delay, args.rate, [],
+                                                                           root=tdir)
             for name in wanted:
                 if name.startswith("haproxy") and not haproxy:
                     log(f"skipping {name}: no HAProxy binary")

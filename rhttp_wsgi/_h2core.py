@@ -274,8 +274,8 @@ class Settings:
 class Stream:
     """Per-stream state: a few integers instead of a state-machine object."""
 
-    __slots__ = ("expected_length", "got_headers", "in_max", "in_processed", "in_updated", "in_window", "inbound",
-                 "no_content", "out_window", "received_length", "recv_open", "send_open", "sent_headers",
+    __slots__ = ("expected_length", "got_headers", "in_max", "in_measured", "in_processed", "in_updated", "in_window",
+                 "inbound", "no_content", "out_window", "received_length", "recv_open", "send_open", "sent_headers",
                  "stream_id")
 
     def __init__(self, stream_id: int, inbound: bool, in_window: int, out_window: int) -> None:
@@ -288,7 +288,8 @@ class Stream:
         self.in_window = in_window        # what the peer may still send us
         self.in_max = in_window
         self.in_processed = 0             # consumed by the app, not yet returned
-        self.in_updated = 0.0             # window tuning: when credit last went back (0: no DATA yet)
+        self.in_updated = 0.0             # window tuning: when growth was last considered (0: no DATA yet)
+        self.in_measured = 0              # window tuning: bytes credited back since then
         self.out_window = out_window      # what we may still send
         self.expected_length: int | None = None  # the message's content-length
         self.received_length = 0          # DATA bytes received (checked against it)
@@ -352,12 +353,17 @@ class H2Core:
         #: too jumps at once (same path, same peer).
         self.stream_window_learned = config.initial_window_size
         self._conn_updated = 0.0  # when connection credit last went back (0: no DATA yet)
+        self._conn_grown = False  # the connection window grew (then credit goes back at each quarter)
         self._settings_sent: float | None = None  # when our first SETTINGS went out (initiate_connection)
         self._probe: bytes | None = None  # the probe PING in flight
         self._probe_sent = 0.0
         self._probe_next = 0.0
         self._probe_seq = 0
-        self._out = bytearray()
+        #: Queued output: frame headers and payloads as given (DATA payloads are views of the
+        #: app's bytes), joined once by data_to_send -- appending them to one growing buffer
+        #: cost a copy plus reallocations per byte.
+        self._out: list[bytes | bytearray | memoryview] = []
+        self._out_len = 0
         self._inbuf = bytearray()
         # An unfinished header block: (stream id, flags of its HEADERS, fragments, size, frames)
         self._block_sid = 0
@@ -410,7 +416,9 @@ class H2Core:
         window tuning its first round trip (the peer acknowledges on reading them)."""
         if now is not None and self._tune:
             self._settings_sent = now
-        self._out += preamble
+        if preamble:
+            self._out.append(preamble)
+            self._out_len += len(preamble)
         c = self.config
         payload = b""
         if self.client_side:
@@ -436,24 +444,28 @@ class H2Core:
 
     def data_to_send(self) -> bytes:
         """Take every queued byte."""
-        out = bytes(self._out)
-        self._out.clear()
-        return out
+        out = self._out
+        if not out:
+            return b""
+        self._out = []
+        self._out_len = 0
+        return b"".join(out)
 
     def has_output(self) -> bool:
         """Are bytes queued?"""
-        return bool(self._out)
+        return self._out_len > 0
 
     def pending_output(self) -> int:
         """How many bytes are queued (not yet taken by :meth:`data_to_send`)."""
-        return len(self._out)
+        return self._out_len
 
     def _frame(self, ftype: int, flags: int, sid: int, payload: bytes | bytearray | memoryview) -> None:
         n = len(payload)
         out = self._out
-        out += _HEAD.pack(n >> 16, n & 0xFFFF, ftype, flags, sid)
+        out.append(_HEAD.pack(n >> 16, n & 0xFFFF, ftype, flags, sid))
         if n:
-            out += payload
+            out.append(payload)
+        self._out_len += 9 + n
 
     def _rst(self, sid: int, code: int) -> None:
         self._frame(RST_STREAM, 0, sid, _U32.pack(code))
@@ -585,9 +597,10 @@ class H2Core:
         st.out_window -= n
         self.outbound_flow_control_window -= n
         out = self._out
-        out += _HEAD.pack(n >> 16, n & 0xFFFF, DATA, F_END_STREAM if end_stream else 0, stream_id)
+        out.append(_HEAD.pack(n >> 16, n & 0xFFFF, DATA, F_END_STREAM if end_stream else 0, stream_id))
         if n:
-            out += data
+            out.append(data)
+        self._out_len += 9 + n
         if end_stream:
             self._end_send(st)
 
@@ -631,15 +644,21 @@ class H2Core:
         starts with it: granted with the request (client role; not for HEAD) or at the
         request body's first DATA (server role), so a bulk transfer on a warm tunnel does
         not spend a round trip at the initial window; its unread bytes stay within that
-        window, at most the cap.  A stream window that has grown gets its credit
-        back at each quarter consumed instead of each half, so the peer always holds at least
-        three quarters of it (a few more 13-byte frames per many MiB).
+        window, at most the cap.  A window that has grown gets its credit back sooner than
+        h2's half: a stream's at each eighth consumed, the connection's at each quarter, so the
+        peer always holds at least 7/8 and 3/4 of them and a window near the bandwidth-delay
+        product is not idle for most of a round trip (a few more 13-byte frames per many MiB;
+        measured in benchmarks/RESULTS.md).  Growth is still judged over a quarter of the window
+        (``Stream.in_measured``), whatever the credit steps.
         """
         if acknowledged_size < 0:
             raise ValueError("negative acknowledged size")
         self.inbound_processed += acknowledged_size
         processed = self.inbound_processed
-        inc = _window_increment(self.inbound_window, self.inbound_max, processed)
+        if self._conn_grown and processed >= self.inbound_max >> 2:  # grown: credit at each quarter
+            inc = min(processed, self.inbound_max - self.inbound_window)
+        else:
+            inc = _window_increment(self.inbound_window, self.inbound_max, processed)
         if inc:
             if self._tune and processed >= self.inbound_max >> 2:
                 t = self._now if now is None else now
@@ -648,6 +667,7 @@ class H2Core:
                 if grown:
                     inc += grown - self.inbound_max
                     self.inbound_max = grown
+                    self._conn_grown = True
             self.inbound_processed = 0
             self.inbound_window += inc
             self._frame(WINDOW_UPDATE, 0, 0, _U32.pack(inc))
@@ -656,21 +676,25 @@ class H2Core:
             st.in_processed += acknowledged_size
             processed = st.in_processed
             window = st.in_max
-            if window > self._init_window and processed >= window >> 2:  # grown: credit at each quarter
+            if window > self._init_window and processed >= window >> 3:  # grown: credit at each eighth
                 inc = min(processed, window - st.in_window)
             else:
                 inc = _window_increment(st.in_window, window, processed)
             if inc:
-                if self._tune and processed >= window >> 2:
-                    t = self._now if now is None else now
-                    grown = self._grown(window, self._stream_cap, st.in_updated, t, self.stream_window_learned,
-                                        processed)
-                    st.in_updated = t
-                    if grown:
-                        inc += grown - window
-                        st.in_max = grown
-                        if grown > self.stream_window_learned:
-                            self.stream_window_learned = grown
+                if self._tune:
+                    # growth is judged over a quarter of the window (or more), whatever the credit steps
+                    measured = st.in_measured = st.in_measured + processed
+                    if measured >= window >> 2:
+                        t = self._now if now is None else now
+                        grown = self._grown(window, self._stream_cap, st.in_updated, t, self.stream_window_learned,
+                                            measured)
+                        st.in_updated = t
+                        st.in_measured = 0
+                        if grown:
+                            inc += grown - window
+                            st.in_max = grown
+                            if grown > self.stream_window_learned:
+                                self.stream_window_learned = grown
                 st.in_processed = 0
                 st.in_window += inc
                 self._frame(WINDOW_UPDATE, 0, stream_id, _U32.pack(inc))
@@ -791,7 +815,7 @@ class H2Core:
         """Bytes of an unfinished header block (HEADERS without END_HEADERS yet)."""
         return self._block_size
 
-    def receive_data(self, data: bytes, now: float) -> list[ev.Event]:
+    def receive_data(self, data: bytes | memoryview, now: float) -> list[ev.Event]:
         """Parse every complete frame in ``data`` (plus what was buffered), received at ``now``.
 
         Returns the events.  Raises ``h2.exceptions.ProtocolError`` (``error_code`` set,
@@ -801,17 +825,60 @@ class H2Core:
             return []
         self._now = now
         self._resets_this_read = 0
-        buf: bytes | bytearray
-        if self._inbuf:
-            self._inbuf += data
-            buf = self._inbuf
-        else:
-            buf = data
         events: list[ev.Event] = []
         pos = 0
+        if self._inbuf:
+            # Finish the frame the last read left partial with only the bytes it still
+            # needs, then parse ``data`` in place: in a bulk transfer nearly every read
+            # ends inside a frame, and appending whole reads to the buffer copied every
+            # byte once more.
+            pos = self._complete_partial(data, events)
+            if pos < 0:
+                return events
+        end = self._frames(data, pos, events)
+        if end < len(data):
+            self._inbuf = bytearray(memoryview(data)[end:])
+        return events
+
+    def _complete_partial(self, data: bytes | memoryview, events: list[ev.Event]) -> int:
+        """Top up the buffered partial frame from ``data`` and parse it once complete.
+
+        Returns how many bytes of ``data`` it took, or -1 when all of ``data`` went
+        into the still partial frame.
+        """
+        buf = self._inbuf
+        view = memoryview(data)
+        pos = 0
+        if len(buf) < 9:
+            pos = min(9 - len(buf), len(data))
+            buf += view[:pos]
+        if len(buf) >= 9:
+            length = buf[0] << 16 | buf[1] << 8 | buf[2]
+            if length <= self._max_frame:  # (else _frames raises on the header)
+                take = min(9 + length - len(buf), len(data) - pos)
+                buf += view[pos:pos + take]
+                pos += take
+        end = self._frames(buf, 0, events)
+        if end < len(buf):
+            return -1  # (pos == len(data): the frame needs more than this read)
+        self._inbuf = bytearray()
+        return pos
+
+    def _frames(self, buf: bytes | bytearray | memoryview, pos: int, events: list[ev.Event]) -> int:
+        """Handle each complete frame in ``buf`` from ``pos``; returns where the first incomplete one starts.
+
+        Every payload handed on is a ``bytes`` of its own (one copy): ``buf`` may be a buffer
+        its owner reuses (``TLSSession.decrypt_view``).
+        """
         end = len(buf)
         max_frame = self._max_frame
         unpack = _HEAD.unpack_from
+        whole = b""
+        view: memoryview | None = None
+        if isinstance(buf, bytes):
+            whole = buf  # (a bytes slice is already a copy)
+        else:
+            view = memoryview(buf)
         while end - pos >= 9:
             hi, lo, ftype, flags, sid = unpack(buf, pos)
             length = hi << 16 | lo
@@ -820,7 +887,7 @@ class H2Core:
                                  f"a {length}-byte frame announced (MAX_FRAME_SIZE {max_frame})")
             if end - pos - 9 < length:
                 break
-            payload = buf[pos + 9:pos + 9 + length]
+            payload = whole[pos + 9:pos + 9 + length] if view is None else bytes(view[pos + 9:pos + 9 + length])
             pos += 9 + length
             sid &= 0x7FFFFFFF
             if self._block_sid:
@@ -833,14 +900,7 @@ class H2Core:
                 self._on_window_update(sid, payload, events)
             else:
                 self._on_other(ftype, flags, sid, payload, events)
-        if pos == end:
-            if self._inbuf:
-                self._inbuf = bytearray()
-        elif buf is self._inbuf:
-            del self._inbuf[:pos]
-        else:
-            self._inbuf = bytearray(buf[pos:])
-        return events
+        return pos
 
     # -- DATA ------------------------------------------------------------------------------
 

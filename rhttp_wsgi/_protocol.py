@@ -100,8 +100,6 @@ Role = Literal["server", "client"]
 
 #: The reset budget's window: ``max_resets`` per this many seconds.
 RESET_WINDOW = 10.0
-#: SETTINGS_MAX_FRAME_SIZE we advertise (the RFC's default and minimum).
-MAX_FRAME_SIZE = 16384
 #: Largest HPACK dynamic table our encoder keeps (see the module docstring).
 MAX_ENCODER_TABLE_SIZE = 4096
 
@@ -126,7 +124,7 @@ def core_config(role: Role, options: TunnelOptions) -> H2Config:
         validate_outbound=role == "client",
         max_concurrent_streams=options.max_concurrent_streams,
         initial_window_size=options.initial_window_size,
-        max_frame_size=MAX_FRAME_SIZE,
+        max_frame_size=options.max_frame_size,
         max_header_list_size=options.max_header_list_size,
         # A compressed block is no longer than its list except for Huffman-bloated
         # binary values (up to 30 bits per octet): 4x leaves room for those.
@@ -251,7 +249,7 @@ class TunnelProtocol:
 
     # -- input -----------------------------------------------------------
 
-    def receive(self, data: bytes, now: float) -> list[h2.events.Event]:
+    def receive(self, data: bytes | memoryview, now: float) -> list[h2.events.Event]:
         """Feed bytes from the peer; returns events.
 
         Raises :class:`ProtocolViolation` (GOAWAY already queued) on a
@@ -269,7 +267,7 @@ class TunnelProtocol:
             if not data:
                 return []
         if not self._first_frame_checked:
-            self._head += data[: 9 - len(self._head)]
+            self._head += bytes(data[: 9 - len(self._head)])
             # Type (byte 4) and flags (byte 5): a first SETTINGS *ACK* is as wrong as any other frame,
             # however the bytes are split across reads.
             if len(self._head) >= 5:

@@ -90,10 +90,13 @@ __all__ = ["Channel", "InboundStreams", "Tunnel"]
 
 log = logging.getLogger("rhttp_wsgi.tunnel")
 
-RECV_SIZE = 256 * 1024
+#: Most ciphertext one reader pass takes (a bulk transfer: fewer passes, wake-ups and calls per byte).
+RECV_SIZE = 1024 * 1024
 #: An app's ``write`` blocks while more than this is queued on its stream.
 HIGH_WATER = 512 * 1024
 LOW_WATER = 128 * 1024
+#: ``Channel.read_chunk`` joins queued chunks smaller than this (a large one goes as it is).
+COALESCE = 64 * 1024
 #: Most plaintext moved into TLS per writer pass (keeps lock holds short, and
 #: buffers small: 1 MiB passes cost ~30% more CPU per byte, see benchmarks/RESULTS.md).
 WRITE_BATCH = 256 * 1024
@@ -157,6 +160,7 @@ class Channel:
         "_out_size",
         "_out_trailers",
         "_retired",
+        "_waiting",
         "body_limit",
         "bytes_in",
         "cancelled",
@@ -180,8 +184,11 @@ class Channel:
         self.tunnel = tunnel
         self.stream_id = stream_id
         self.headers = headers
-        #: Created by the first wait (most streams never wait): see _waiter_locked.
+        #: Created by the first wait (most streams never wait): see _wait_locked.
         self._cond: threading.Condition | None = None
+        #: Threads blocked in ``_wait_locked`` (a notify with none is skipped: the
+        #: reader would otherwise pay a Condition.notify_all per DATA frame).
+        self._waiting = 0
         self._in: collections.deque[bytes] = collections.deque()
         self._in_size = 0
         self.in_ended = False
@@ -223,15 +230,20 @@ class Channel:
         #: socket (``rhttp_wsgi.websocket``) uses it to keep a descriptor readable.
         self.on_input: Callable[[], None] | None = None
 
-    def _waiter_locked(self) -> threading.Condition:
-        """This stream's condition (bound to the tunnel lock), created on first use."""
+    def _wait_locked(self, timeout: float | None) -> None:
+        """Block on this stream's condition (bound to the tunnel lock, created on first use)."""
         cond = self._cond
         if cond is None:
             cond = self._cond = threading.Condition(self.tunnel.lock)
-        return cond
+        self._waiting += 1
+        try:
+            cond.wait(timeout)
+        finally:
+            self._waiting -= 1
 
     def _notify_locked(self) -> None:
-        if self._cond is not None:
+        if self._waiting:
+            assert self._cond is not None
             self._cond.notify_all()
 
     def handler_done(self) -> None:
@@ -260,15 +272,7 @@ class Channel:
         """
         t = self.tunnel
         with t.lock:
-            if not self._in and not self.in_ended and self.error is None:
-                deadline = None if timeout is None else time.monotonic() + timeout
-                while not self._in and not self.in_ended and self.error is None and not self.input_stopped:
-                    remaining = None if deadline is None else deadline - time.monotonic()
-                    if remaining is not None and remaining <= 0:
-                        raise StreamTimeout(f"stream {self.stream_id}: no body data within {timeout:g}s")
-                    self._waiter_locked().wait(remaining)
-            if self.error is not None:
-                raise self.error
+            self._wait_input_locked(timeout)
             if not self._in:
                 return b""
             if size < 0 or size >= self._in_size:
@@ -290,6 +294,44 @@ class Channel:
             self._in_size -= len(data)
             t._credit_locked(self.stream_id, len(data))
             return data
+
+    def read_chunk(self, timeout: float | None = None) -> bytes:
+        """Return the oldest queued body chunk (one DATA frame's bytes); b'' at the end.
+
+        :meth:`read` without joining large chunks: for a consumer that writes each chunk out at
+        once (the proxy's response body), one copy of every byte fewer.  Chunks under
+        ``COALESCE`` are joined with the small ones queued after them, up to about that size, so
+        small frames still leave in few writes; a large chunk is never copied.
+        """
+        t = self.tunnel
+        with t.lock:
+            self._wait_input_locked(timeout)
+            queue = self._in
+            if not queue:
+                return b""
+            data = queue.popleft()
+            if len(data) < COALESCE and queue:
+                parts = [data]
+                n = len(data)
+                while queue and n < COALESCE and len(queue[0]) < COALESCE:
+                    parts.append(queue.popleft())
+                    n += len(parts[-1])
+                data = b"".join(parts)
+            self._in_size -= len(data)
+            t._credit_locked(self.stream_id, len(data))
+            return data
+
+    def _wait_input_locked(self, timeout: float | None) -> None:
+        """Block until body bytes are queued, the input ended or stopped; raise the stream's error."""
+        if not self._in and not self.in_ended and self.error is None:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while not self._in and not self.in_ended and self.error is None and not self.input_stopped:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise StreamTimeout(f"stream {self.stream_id}: no body data within {timeout:g}s")
+                self._wait_locked(remaining)
+        if self.error is not None:
+            raise self.error
 
     def input_pending_locked(self) -> bool:
         """``read`` would not block: bytes are buffered, or the input ended, was stopped or failed."""
@@ -360,7 +402,7 @@ class Channel:
                     remaining = None if deadline is None else deadline - time.monotonic()
                     if remaining is not None and remaining <= 0:
                         raise StreamTimeout(f"stream {self.stream_id}: peer accepted no data for {timeout:g}s")
-                    self._waiter_locked().wait(remaining)
+                    self._wait_locked(remaining)
                 self._check_locked()
 
     def end(self, trailers: Headers | None = None) -> None:
@@ -394,7 +436,7 @@ class Channel:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise StreamTimeout(f"stream {self.stream_id}: no response within {timeout:g}s")
-                self._waiter_locked().wait(remaining)
+                self._wait_locked(remaining)
             if self.response is None:
                 assert self.error is not None
                 raise self.error
@@ -455,26 +497,29 @@ class Channel:
         if self.out_done:
             raise StreamReset(self.stream_id, ErrorCodes.STREAM_CLOSED, by_peer=False)
 
-    def _deliver_locked(self, data: bytes, flow_len: int) -> None:
+    def _deliver_locked(self, data: bytes, flow_len: int) -> bool:
+        """Queue a DATA frame's bytes; True when input grew (the caller then calls
+        ``_input_changed_locked``, once per read rather than once per frame)."""
         t = self.tunnel
         pad = flow_len - len(data)
         if self.error is not None or self._retired or self.input_stopped:
             t._credit_locked(self.stream_id, flow_len)
-            return
+            return False
         if pad:
             t._credit_locked(self.stream_id, pad)
-        if data:
-            limit = self.body_limit
-            if limit and self.bytes_in + len(data) > limit:
-                t._credit_locked(self.stream_id, len(data))
-                streams = t.streams
-                if streams is not None:  # (a limit is only ever set by the stream policy)
-                    streams.body_over_limit_locked(self)
-                return
-            self._in.append(data)
-            self._in_size += len(data)
-            self.bytes_in += len(data)
-            self._input_changed_locked()
+        if not data:
+            return False
+        limit = self.body_limit
+        if limit and self.bytes_in + len(data) > limit:
+            t._credit_locked(self.stream_id, len(data))
+            streams = t.streams
+            if streams is not None:  # (a limit is only ever set by the stream policy)
+                streams.body_over_limit_locked(self)
+            return False
+        self._in.append(data)
+        self._in_size += len(data)
+        self.bytes_in += len(data)
+        return True
 
     def _ended_locked(self) -> None:
         """The peer ended its side (END_STREAM)."""
@@ -706,7 +751,7 @@ class Tunnel:
                 if self._closing:
                     return self.close_reason or "closed"
                 try:
-                    plain = tls.decrypt(data) if tls is not None else data
+                    plain = tls.decrypt_view(data) if tls is not None else data
                     events = proto.receive(plain, self._clock())
                 except ProtocolViolation as e:
                     log.warning("%s: protocol error from peer: %s (%s)", self.name, e,
@@ -789,25 +834,25 @@ class Tunnel:
                 if self._ready and not final:
                     self._flush_ready_locked(now)
                 plain = proto.data_to_send()
+                cipher: list[bytes]
                 if tls is not None:
                     try:
                         if final:
-                            cipher = tls.encrypt(plain) + tls.close_notify()
+                            cipher = [*tls.encrypt_parts(plain), tls.close_notify()]
                         else:
-                            cipher = tls.encrypt(plain) if plain else tls.pending_output()
+                            cipher = tls.encrypt_parts(plain) if plain else [tls.pending_output()]
                     except TLSSetupError as e:
                         self._close_locked(str(e))
                         final = True
-                        cipher = b""
+                        cipher = []
                 else:
-                    cipher = plain
-            if cipher:
-                try:
-                    sock.sendall(cipher)
-                except OSError as e:
-                    if not final:
-                        self.close(f"write error: {e}")
-                    final = True
+                    cipher = [plain]
+            try:
+                _send_parts(sock, cipher)
+            except OSError as e:
+                if not final:
+                    self.close(f"write error: {e}")
+                final = True
         try:
             sock.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -842,6 +887,8 @@ class Tunnel:
 
     def _handle_events_locked(self, events: list[h2.events.Event], new: list[Channel]) -> None:
         channels = self._channels
+        #: Streams whose input grew in this read: woken once each, after all their frames.
+        fed: dict[Channel, None] = {}
         # Dispatch on the exact type (cheaper than an isinstance ladder on the hot path);
         # Any because mypy cannot narrow on `type(ev) is X`.
         ev: Any
@@ -851,8 +898,8 @@ class Tunnel:
                 ch = channels.get(ev.stream_id)
                 if ch is None:
                     self._credit_locked(ev.stream_id, ev.flow_controlled_length)
-                else:
-                    ch._deliver_locked(ev.data, ev.flow_controlled_length)
+                elif ch._deliver_locked(ev.data, ev.flow_controlled_length):
+                    fed[ch] = None
             elif t is h2.events.RequestReceived:
                 self.streams_total += 1
                 ch = Channel(self, ev.stream_id, ev.headers)
@@ -922,6 +969,8 @@ class Tunnel:
                     self.streams.over_header_limits_locked(ch, ev.reason)
                 else:
                     ch.reset_locked(ErrorCodes.REFUSED_STREAM)
+        for ch in fed:
+            ch._input_changed_locked()
 
     def _unblock_all_locked(self) -> None:
         if self._blocked:
@@ -1129,6 +1178,27 @@ class Tunnel:
     @property
     def closing(self) -> bool:
         return self._closing
+
+
+def _send_parts(sock: socket.socket, parts: list[bytes]) -> None:
+    """Send every part, in order: a batch's TLS records in one ``sendmsg`` (not joined first)."""
+    parts = [p for p in parts if p]
+    if len(parts) <= 1:
+        if parts:
+            sock.sendall(parts[0])
+        return
+    views = [memoryview(p) for p in parts]
+    while views:
+        sent = sock.sendmsg(views)
+        if not sent:  # (a blocking socket blocks or raises; never loop on nothing)
+            raise OSError("sendmsg sent nothing")
+        while sent:
+            first = len(views[0])
+            if sent < first:
+                views[0] = views[0][sent:]
+                break
+            sent -= first
+            del views[0]
 
 
 def _timeval(seconds: float) -> bytes:

@@ -556,7 +556,7 @@ class _ResponseBody:
         ch = self._ch
         while True:
             try:
-                data = ch.read(-1, timeout=None if self._client_gone is None else CLIENT_CHECK)
+                data = ch.read_chunk(timeout=None if self._client_gone is None else CLIENT_CHECK)
             except StreamTimeout:
                 assert self._client_gone is not None
                 if self._client_gone():

@@ -42,13 +42,23 @@ __all__ = [
 
 log = logging.getLogger("rhttp_wsgi.tls")
 
-_READ_CHUNK = 1 << 20
+#: ``SSL_read`` returns one record's plaintext at most, and a record carries at most
+#: 2^14 bytes (TLS 1.2 and 1.3): a larger buffer is allocated per call for nothing
+#: (pyOpenSSL allocates ``bufsiz`` each time; 1 MiB cost a malloc + page faults per record).
+_RECORD_MAX = 1 << 14
+#: Ciphertext drained from the memory BIO per call: one ``encrypt`` piece and its record
+#: overhead fit in one.
+_CIPHER_CHUNK = 128 * 1024
 #: Largest plaintext handed to OpenSSL at once by ``encrypt`` (see there).
 _ENCRYPT_PIECE = 64 * 1024
 #: TLS 1.2 suites allowed with HTTP/2: ephemeral key exchange and AEAD only, so
 #: none of RFC 9113 §9.2.2 / Appendix A's blocklist can be negotiated.  (TLS 1.3
 #: suites are all acceptable and are configured separately by OpenSSL.)
 H2_TLS12_CIPHERS = b"ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20"
+#: TLS 1.3 suites, AES-128-GCM first as Go's crypto/tls and BoringSSL order them (OpenSSL's
+#: default puts AES-256 first): TLS 1.3's mandatory suite, and ~20% cheaper to encrypt, which
+#: a bulk transfer pays on both ends of a tunnel (benchmarks/RESULTS.md, "Long fat pipe").
+TLS13_SUITES = b"TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
 
 
 def _load_identity(ctx: SSL.Context, cert: str, key: str, *, what: str) -> None:
@@ -270,6 +280,7 @@ def client_context(cert: str, key: str, ca: str | None) -> SSL.Context:
     ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
     ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
     ctx.set_cipher_list(H2_TLS12_CIPHERS)
+    ctx.set_tls13_ciphersuites(TLS13_SUITES)
     ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION)
     _load_identity(ctx, cert, key, what="client")
     if ca is not None:
@@ -290,6 +301,7 @@ def server_context(cert: str, key: str, workers_ca: str) -> SSL.Context:
     ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
     ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
     ctx.set_cipher_list(H2_TLS12_CIPHERS)
+    ctx.set_tls13_ciphersuites(TLS13_SUITES)
     ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION | SSL.OP_CIPHER_SERVER_PREFERENCE)
     _load_identity(ctx, cert, key, what="server")
     try:
@@ -436,6 +448,8 @@ class TLSSession:
                 # checked on the leaf by _verify_callback, during the handshake
                 self._app["verify_name"] = verify_name
         self.closed = False
+        #: decrypt_view's plaintext buffer (reused: one per session, as large as a read needs).
+        self._plain = bytearray()
         #: The TLS error that ended this session, once one did (see :meth:`_failure`).
         self.failure: TLSSetupError | None = None
 
@@ -516,11 +530,35 @@ class TLSSession:
 
     def decrypt(self, data: bytes) -> bytes:
         """Feed ciphertext; return the plaintext it completes (possibly b'')."""
+        return bytes(self.decrypt_view(data))
+
+    def decrypt_view(self, data: bytes) -> memoryview:
+        """:meth:`decrypt` into this session's own buffer: the view is valid until the next call.
+
+        The tunnel's reader hands it straight to the HTTP/2 core, which copies what it keeps
+        (each frame's payload): the records' plaintext is not gathered in bytes objects and
+        joined first (a copy of every byte, ~5% of the proxy's CPU on a download).
+        """
         self._conn.bio_write(data)
-        chunks = []
+        # Plaintext <= the ciphertext fed plus what the BIO held (less than one record).
+        need = len(data) + _RECORD_MAX + 1024
+        buf = self._plain
+        if len(buf) < need or len(buf) > 4 * need:
+            # (a bulk transfer's reads keep one buffer; the first small read after it, such as an
+            # idle tunnel's PING, gives the large one back: an idle tunnel holds ~20 KiB)
+            buf = self._plain = bytearray(need)
+        view = memoryview(buf)
+        pos = 0
         while True:
+            room = len(buf) - pos
+            if room == 0:  # (not expected: see need) a larger buffer; the old one may still be viewed
+                bigger = bytearray(2 * len(buf))
+                bigger[:pos] = view[:pos]
+                buf = self._plain = bigger
+                view = memoryview(buf)
+                room = len(buf) - pos
             try:
-                chunks.append(self._conn.recv(_READ_CHUNK))
+                pos += self._conn.recv_into(view[pos:], min(room, _RECORD_MAX))
             except SSL.WantReadError:
                 break
             except SSL.ZeroReturnError:
@@ -528,16 +566,19 @@ class TLSSession:
                 break
             except SSL.Error as e:
                 raise self._failure(e, "TLS error") from e
-        if len(chunks) == 1:
-            return chunks[0]
-        return b"".join(chunks)
+        return view[:pos]
 
-    def encrypt(self, data: bytes) -> bytes:
+    def encrypt(self, data: bytes | bytearray) -> bytes:
         """Encrypt ``data``; return all ciphertext now pending (including TLS's own records)."""
+        parts = self.encrypt_parts(data)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def encrypt_parts(self, data: bytes | bytearray) -> list[bytes]:
+        """:meth:`encrypt`, with the ciphertext in pieces (for one ``sendmsg``: not joined)."""
         if len(data) <= _ENCRYPT_PIECE:
             if data:
                 self._send(data)
-            return self.pending_output()
+            return [self.pending_output()]
         # Performance (benchmarks/RESULTS.md): feed OpenSSL at most _ENCRYPT_PIECE
         # at a time and drain the memory BIO after each piece.  Handing it a whole
         # writer batch (up to _tunnel.WRITE_BATCH plus frame headers) made the BIO
@@ -548,9 +589,9 @@ class TLSSession:
         for start in range(0, len(view), _ENCRYPT_PIECE):
             self._send(view[start:start + _ENCRYPT_PIECE])
             out.append(self.pending_output())
-        return b"".join(out)
+        return out
 
-    def _send(self, data: bytes | memoryview) -> None:
+    def _send(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
         try:
             while view:
@@ -564,7 +605,7 @@ class TLSSession:
         out = []
         while True:
             try:
-                out.append(self._conn.bio_read(_READ_CHUNK))
+                out.append(self._conn.bio_read(_CIPHER_CHUNK))
             except SSL.WantReadError:
                 break
         if len(out) == 1:
@@ -586,6 +627,10 @@ class TLSSession:
 
     def protocol_version(self) -> str:
         return str(self._conn.get_protocol_version_name())
+
+    def cipher(self) -> str:
+        """The negotiated cipher suite (e.g. ``TLS_AES_128_GCM_SHA256``), '' before the handshake."""
+        return str(self._conn.get_cipher_name() or "")
 
 
 def peer_common_name(cert: x509.Certificate | None) -> str | None:

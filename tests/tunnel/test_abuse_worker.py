@@ -893,8 +893,8 @@ FRAMING: dict[str, tuple[Callable[[ProxyPeer], bytes], ErrorCodes]] = {
     "data-on-idle-stream": (lambda p: DataFrame(3, data=b"x").serialize(), E.PROTOCOL_ERROR),
     "data-padding-beyond-payload": (lambda p: _open(p) + raw_frame(0x0, 0x8, 1, b"\x05ab"), E.PROTOCOL_ERROR),
     "headers-padding-beyond-payload": (lambda p: raw_frame(0x1, 0xC, 1, b"\x05ab"), E.PROTOCOL_ERROR),
-    "frame-above-max-frame-size": (lambda p: _open(p) + DataFrame(1, data=b"x" * 16385).serialize(),
-                                   E.FRAME_SIZE_ERROR),
+    "frame-above-max-frame-size": (lambda p: _open(p) + DataFrame(
+        1, data=b"x" * (worker_options().max_frame_size + 1)).serialize(), E.FRAME_SIZE_ERROR),
 }
 
 

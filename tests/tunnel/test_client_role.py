@@ -116,3 +116,32 @@ def test_client_role_retires_a_tunnel_whose_stream_ids_are_exhausted() -> None:
     finally:
         a.close()
         b.close()
+
+
+def test_read_chunk_hands_large_frames_over_whole_and_joins_small_ones(pair: tuple[Tunnel, HandWorker]) -> None:
+    """The proxy's response body reads: every byte once and in order; a frame of COALESCE bytes or
+    more comes back alone, as it arrived (never copied into a join); small ones may be joined."""
+    from rhttp_wsgi._tunnel import COALESCE
+
+    tunnel, w = pair
+    ch = tunnel.open_stream(REQUEST, end_stream=True)
+    sid = w.wait_request()
+    assert COALESCE <= TunnelOptions().max_frame_size  # (a frame that large may come to us)
+    sizes = [100, 200, COALESCE, 50, 60, COALESCE, 30_000, 40_000, *[10] * 300, COALESCE, 5]
+    frames = [bytes([i % 251]) * n for i, n in enumerate(sizes)]
+    w.proto.send_headers(sid, [(":status", "200")])
+    for f in frames:
+        w.proto.send_data(sid, f)
+    w.proto.end_stream(sid)
+    w.flush()
+    assert ch.wait_response(WAIT)
+    chunks = []
+    while True:
+        c = ch.read_chunk(WAIT)
+        if not c:
+            break
+        chunks.append(c)
+    assert b"".join(chunks) == b"".join(frames)
+    large = [f for f in frames if len(f) >= COALESCE]
+    assert [c for c in chunks if len(c) >= COALESCE and c in large] == large  # each alone, whole
+    assert len(chunks) < len(frames)  # (the 300 ten-byte frames did not cost a read each)

@@ -589,11 +589,13 @@ def test_peer_max_frame_size_is_honoured(make_worker: Any) -> None:
     assert max(sizes) <= 32768
 
 
-def test_oversized_frame_is_frame_size_error(make_worker: Any) -> None:
-    h = make_worker(echo_app)
+@pytest.mark.parametrize("max_frame", [16384, 65536])
+def test_oversized_frame_is_frame_size_error(make_worker: Any, max_frame: int) -> None:
+    h = make_worker(echo_app, options=worker_options(max_frame_size=max_frame))
     p = h.peer
     p.request(1, "POST", "/", end_stream=False)
-    p.send_data(1, b"x" * 16385)  # worker's MAX_FRAME_SIZE is 16384
+    p.send_data(1, b"x" * max_frame)  # the largest frame the worker advertised is fine
+    p.send_data(1, b"x" * (max_frame + 1))
     assert p.wait_goaway().error_code == ErrorCodes.FRAME_SIZE_ERROR
     h.wait_closed()
 

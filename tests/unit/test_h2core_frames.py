@@ -5,6 +5,7 @@ The harness (our end, raw frames from the peer, h2 as the reference) is ``h2core
 
 from __future__ import annotations
 
+import itertools
 import random
 import struct
 from typing import Any
@@ -63,7 +64,36 @@ pytestmark = pytest.mark.timeout(60)
 @pytest.mark.parametrize("ftype", [DATA, HEADERS, 0x42])
 def test_oversized_frame_refused_from_its_header_alone(role: str, ftype: int) -> None:
     r = Raw(role)
-    r.conn_error(frame(ftype, 0, 1, length=16385), E.FRAME_SIZE_ERROR)  # 9 bytes only: no payload fed
+    r.conn_error(frame(ftype, 0, 1, length=options(role).max_frame_size + 1), E.FRAME_SIZE_ERROR)  # 9 bytes only
+
+
+@pytest.mark.parametrize("role", ROLES)
+@pytest.mark.parametrize("head", [1, 4, 8])
+def test_oversized_frame_refused_once_its_split_header_completes(role: str, head: int) -> None:
+    # The first read ends inside the frame header (a partial frame is buffered); the
+    # read that completes the header is refused at once, without waiting for a payload.
+    r = Raw(role)
+    if role == "client":
+        r.core.send_headers(1, REQ, end_stream=True)
+        r.out()
+    oversized = frame(DATA, 0, 1, length=options(role).max_frame_size + 1)
+    assert [type(e) for e in r.feed(ping(b"pingpong") + oversized[:head])] == [ev.PingReceived]
+    r.conn_error(oversized[head:9] + b"x" * 100, E.FRAME_SIZE_ERROR)
+
+
+def test_frame_completed_across_reads_then_more_frames_in_the_same_read() -> None:
+    # One read finishes a partial DATA frame and carries two whole frames and the start
+    # of a fourth: each is delivered once, in order, with its own bytes.
+    r = Raw("server")
+    r.request_ok(1, end=False)
+    stream = data(1, b"a" * 3000) + data(1, b"b" * 10) + data(1, b"c" * 20) + data(1, b"d" * 500, end=True)
+    cuts = [0, 1000, 3100, len(stream) - 200, len(stream)]
+    got: list[Any] = []
+    for a, b in itertools.pairwise(cuts):
+        got += r.feed(stream[a:b])
+    datas = of(got, ev.DataReceived)
+    assert [bytes(d.data) for d in datas] == [b"a" * 3000, b"b" * 10, b"c" * 20, b"d" * 500]
+    assert of(got, ev.StreamEnded)
 
 
 def test_larger_advertised_max_frame_size_is_accepted() -> None:
@@ -135,13 +165,16 @@ def test_frames_split_at_every_byte_and_random_chunks_give_the_same_events(role:
         assert {"<ResponseReceived", "<InformationalResponseReceived", "<TrailersReceived",
                 "<StreamReset", "<ConnectionTerminated"} <= kinds, kinds
     assert (whole_events, whole_out) == _run_chunked(role, lambda n: [1] * n)
-    for seed in range(15):
+    for seed in range(30):
         rng = random.Random(seed)
+        # small reads (inside frame headers and payloads), and reads that finish a
+        # partial frame and carry whole frames after it
+        largest = 60 if seed < 15 else 400
 
-        def cut(n: int, rng: random.Random = rng) -> list[int]:
+        def cut(n: int, rng: random.Random = rng, largest: int = largest) -> list[int]:
             sizes: list[int] = []
             while sum(sizes) < n:
-                sizes.append(min(rng.randint(1, 60), n - sum(sizes)))
+                sizes.append(min(rng.randint(1, largest), n - sum(sizes)))
             return sizes
 
         assert (whole_events, whole_out) == _run_chunked(role, cut), seed

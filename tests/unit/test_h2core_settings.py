@@ -13,7 +13,7 @@ import pytest
 from h2.errors import ErrorCodes as E
 from h2.settings import SettingCodes as S
 
-from rhttp_wsgi._protocol import MAX_FRAME_SIZE, PREFACE
+from rhttp_wsgi._protocol import PREFACE
 from rhttp_wsgi.errors import ProtocolViolation
 from tests.unit.h2core_harness import (
     ACK,
@@ -55,7 +55,7 @@ def test_worker_writes_preface_then_settings() -> None:
     got = dict(struct.unpack(">HL", frames[0].payload[i:i + 6]) for i in range(0, len(frames[0].payload), 6))
     s = options("server")
     assert got == {S.MAX_CONCURRENT_STREAMS: s.max_concurrent_streams, S.INITIAL_WINDOW_SIZE: s.initial_window_size,
-                   S.MAX_FRAME_SIZE: MAX_FRAME_SIZE, S.MAX_HEADER_LIST_SIZE: s.max_header_list_size,
+                   S.MAX_FRAME_SIZE: s.max_frame_size, S.MAX_HEADER_LIST_SIZE: s.max_header_list_size,
                    S.ENABLE_CONNECT_PROTOCOL: 1}  # (RFC 8441: option websockets, on by default)
     assert S.ENABLE_PUSH not in got  # a server never sends ENABLE_PUSH
     assert wu(frames[1:]) == [(0, s.connection_window_size - 65535)]

@@ -238,6 +238,8 @@ class Path:
         self.read_total = 0
         self.max_unread = 0
         self.max_unread_one = 0
+        #: every WINDOW_UPDATE the peer got: (time, stream, increment)
+        self.updates: list[tuple[float, int, int]] = []
         self.t = 1000.0
         self._link_free = self.t
         self.r.now = self.t
@@ -254,7 +256,9 @@ class Path:
                 _, frames = self.to_peer.popleft()
                 for f in frames:
                     if f.type == WINDOW_UPDATE:
-                        self.credit[f.sid] += struct.unpack(">L", f.payload)[0]
+                        inc = struct.unpack(">L", f.payload)[0]
+                        self.credit[f.sid] += inc
+                        self.updates.append((t, f.sid, inc))
                     elif f.type == PING and not f.flags & ACK:
                         self.to_us.append((t + self.delay, ping(f.payload, ack=True)))
             # the peer sends what its windows and the link allow in this step
@@ -434,3 +438,19 @@ def test_the_settings_ack_gives_the_first_round_trip(role: str) -> None:
 def test_a_settings_ack_at_the_same_instant_is_no_sample() -> None:
     r = Raw("server")  # handshake at the instant of initiate
     assert r.proto.receive_windows()[0] is None
+
+
+def test_grown_windows_return_credit_in_eighths_and_the_connection_in_quarters() -> None:
+    """Once grown, a stream window's credit goes back at each eighth consumed and the connection
+    window's at each quarter (h2's rule, at each half, is kept for windows that never grew): the
+    peer then always holds at least 7/8 and 3/4 of them, so a window near the bandwidth-delay
+    product is not left idle for most of a round trip.  Growth is still judged over a quarter."""
+    p = Path("server", delay=0.025, rate=1e9, read_rate=0.5e9, max_window_size=8 * MiB,
+             connection_window_size=16 * MiB, max_connection_window_size=32 * MiB).run(1.5)
+    assert p.window() == 8 * MiB
+    assert p.r.proto.receive_windows()[1] == 32 * MiB  # the connection window grew too
+    late = [(sid, inc) for t, sid, inc in p.updates if t > p.t - 0.5]
+    stream = [inc for sid, inc in late if sid == 1]
+    conn = [inc for sid, inc in late if sid == 0]
+    assert len(stream) > 20 and all(MiB <= inc < 2 * MiB for inc in stream), stream
+    assert conn and all(inc == 8 * MiB for inc in conn), conn
