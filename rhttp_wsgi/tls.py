@@ -46,6 +46,8 @@ log = logging.getLogger("rhttp_wsgi.tls")
 #: 2^14 bytes (TLS 1.2 and 1.3): a larger buffer is allocated per call for nothing
 #: (pyOpenSSL allocates ``bufsiz`` each time; 1 MiB cost a malloc + page faults per record).
 _RECORD_MAX = 1 << 14
+#: Up to this much ciphertext, ``decrypt_view`` returns bytes (see there).
+_SMALL_READ = 32 * 1024
 #: Ciphertext drained from the memory BIO per call: one ``encrypt`` piece and its record
 #: overhead fit in one.
 _CIPHER_CHUNK = 128 * 1024
@@ -530,22 +532,41 @@ class TLSSession:
 
     def decrypt(self, data: bytes) -> bytes:
         """Feed ciphertext; return the plaintext it completes (possibly b'')."""
-        return bytes(self.decrypt_view(data))
+        self._conn.bio_write(data)
+        chunks = []
+        while True:
+            try:
+                chunks.append(self._conn.recv(_RECORD_MAX))
+            except SSL.WantReadError:
+                break
+            except SSL.ZeroReturnError:
+                self.closed = True
+                break
+            except SSL.Error as e:
+                raise self._failure(e, "TLS error") from e
+        if len(chunks) == 1:
+            return chunks[0]
+        return b"".join(chunks)
 
-    def decrypt_view(self, data: bytes) -> memoryview:
-        """:meth:`decrypt` into this session's own buffer: the view is valid until the next call.
+    def decrypt_view(self, data: bytes) -> bytes | memoryview:
+        """:meth:`decrypt`; a large read's plaintext comes as a view of this session's own
+        buffer, valid until the next call.
 
         The tunnel's reader hands it straight to the HTTP/2 core, which copies what it keeps
-        (each frame's payload): the records' plaintext is not gathered in bytes objects and
-        joined first (a copy of every byte, ~5% of the proxy's CPU on a download).
+        (each frame's payload): a bulk transfer's records are not each made a bytes object and
+        joined first (a copy of every byte, ~5% of the proxy's CPU on a download).  A small
+        read (a request, a PING) takes :meth:`decrypt`: a record or two, no buffer to keep.
         """
+        if len(data) <= _SMALL_READ:
+            if self._plain:  # a bulk transfer's buffer goes at its first small read (an idle tunnel's PING)
+                self._plain = bytearray()
+            return self.decrypt(data)
         self._conn.bio_write(data)
         # Plaintext <= the ciphertext fed plus what the BIO held (less than one record).
         need = len(data) + _RECORD_MAX + 1024
         buf = self._plain
         if len(buf) < need or len(buf) > 4 * need:
-            # (a bulk transfer's reads keep one buffer; the first small read after it, such as an
-            # idle tunnel's PING, gives the large one back: an idle tunnel holds ~20 KiB)
+            # (a bulk transfer's reads keep one buffer; a much smaller large read gets a smaller one)
             buf = self._plain = bytearray(need)
         view = memoryview(buf)
         pos = 0
@@ -570,8 +591,11 @@ class TLSSession:
 
     def encrypt(self, data: bytes | bytearray) -> bytes:
         """Encrypt ``data``; return all ciphertext now pending (including TLS's own records)."""
-        parts = self.encrypt_parts(data)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        if len(data) <= _ENCRYPT_PIECE:
+            if data:
+                self._send(data)
+            return self.pending_output()
+        return b"".join(self.encrypt_parts(data))
 
     def encrypt_parts(self, data: bytes | bytearray) -> list[bytes]:
         """:meth:`encrypt`, with the ciphertext in pieces (for one ``sendmsg``: not joined)."""
@@ -605,9 +629,12 @@ class TLSSession:
         out = []
         while True:
             try:
-                out.append(self._conn.bio_read(_CIPHER_CHUNK))
+                chunk = self._conn.bio_read(_CIPHER_CHUNK)
             except SSL.WantReadError:
                 break
+            out.append(chunk)
+            if len(chunk) < _CIPHER_CHUNK:
+                break  # (a memory BIO hands over all it holds up to the size asked: it is empty)
         if len(out) == 1:
             return out[0]
         return b"".join(out)
@@ -627,6 +654,10 @@ class TLSSession:
 
     def protocol_version(self) -> str:
         return str(self._conn.get_protocol_version_name())
+
+    def buffered_capacity(self) -> int:
+        """Bytes held by :meth:`decrypt_view`'s buffer (for tests and memory accounting)."""
+        return len(self._plain)
 
     def cipher(self) -> str:
         """The negotiated cipher suite (e.g. ``TLS_AES_128_GCM_SHA256``), '' before the handshake."""

@@ -56,11 +56,11 @@ def test_decrypt_view_carries_every_byte_across_record_and_read_boundaries(pair:
 
 def test_the_next_call_reuses_the_buffer_so_a_view_is_valid_only_until_then(pair: tuple[Any, Any]) -> None:
     worker, proxy = pair
-    first = proxy.decrypt_view(worker.encrypt(b"a" * 1000))
-    assert bytes(first) == b"a" * 1000
-    second = proxy.decrypt_view(worker.encrypt(b"b" * 1000))
-    assert bytes(second) == b"b" * 1000
-    assert bytes(first) == b"b" * 1000  # the same memory: the contract the reader relies on
+    first = proxy.decrypt_view(worker.encrypt(b"a" * 100_000))  # (a large read: the buffer path)
+    assert bytes(first) == b"a" * 100_000
+    second = proxy.decrypt_view(worker.encrypt(b"b" * 100_000))
+    assert bytes(second) == b"b" * 100_000
+    assert bytes(first) == b"b" * 100_000  # the same memory: the contract the reader relies on
 
 
 def test_decrypt_view_grows_when_a_read_completes_more_than_it_planned_for(pair: tuple[Any, Any],
@@ -92,3 +92,15 @@ def test_tunnels_negotiate_aes_128_gcm_first(pair: tuple[Any, Any]) -> None:
     worker, proxy = pair
     assert worker.protocol_version() == "TLSv1.3"
     assert worker.cipher() == proxy.cipher() == "TLS_AES_128_GCM_SHA256"
+
+
+def test_small_reads_take_the_plain_path_and_give_a_bulk_buffer_back(pair: tuple[Any, Any]) -> None:
+    """A large read fills the session's buffer; the next small one (an idle tunnel's PING) returns
+    bytes and drops that buffer, so an idle tunnel does not keep a megabyte per connection."""
+    worker, proxy = pair
+    big = proxy.decrypt_view(worker.encrypt(b"z" * 500_000))
+    assert isinstance(big, memoryview) and len(big) == 500_000
+    assert proxy.buffered_capacity() > 500_000
+    small = proxy.decrypt_view(worker.encrypt(b"ping"))
+    assert small == b"ping" and isinstance(small, bytes)
+    assert proxy.buffered_capacity() == 0
