@@ -595,7 +595,8 @@ def test_oversized_frame_is_frame_size_error(make_worker: Any, max_frame: int) -
     p = h.peer
     p.request(1, "POST", "/", end_stream=False)
     p.send_data(1, b"x" * max_frame)  # the largest frame the worker advertised is fine
-    p.send_data(1, b"x" * (max_frame + 1))
+    # one byte more is refused from the frame header (the payload need not follow)
+    p.send_raw((max_frame + 1).to_bytes(3, "big") + b"\x00\x00" + (1).to_bytes(4, "big") + b"x" * 100)
     assert p.wait_goaway().error_code == ErrorCodes.FRAME_SIZE_ERROR
     h.wait_closed()
 
