@@ -92,6 +92,10 @@ log = logging.getLogger("rhttp_wsgi.tunnel")
 
 #: Most ciphertext one reader pass takes (a bulk transfer: fewer passes, wake-ups and calls per byte).
 RECV_SIZE = 1024 * 1024
+#: What a pass asks for first, and again after a short read: ``recv(n)`` allocates n bytes first,
+#: and above glibc's mmap threshold (128 KiB) that can be an mmap + munmap per call, ~15 µs for
+#: a 300-byte request.  A full read means more is waiting: the next asks for RECV_SIZE.
+SMALL_RECV = 64 * 1024
 #: An app's ``write`` blocks while more than this is queued on its stream.
 HIGH_WATER = 512 * 1024
 LOW_WATER = 128 * 1024
@@ -741,13 +745,15 @@ class Tunnel:
         lock = self.lock
         tls = self.tls
         proto = self.proto
+        size = SMALL_RECV
         while True:
             try:
-                data = sock.recv(RECV_SIZE)
+                data = sock.recv(size)
             except OSError as e:
                 return f"read error: {e}"
             if not data:
                 return "peer closed the connection"
+            size = RECV_SIZE if len(data) == size else SMALL_RECV
             new: list[Channel] = []
             with lock:
                 if self._closing:

@@ -145,3 +145,60 @@ def test_read_chunk_hands_large_frames_over_whole_and_joins_small_ones(pair: tup
     large = [f for f in frames if len(f) >= COALESCE]
     assert [c for c in chunks if len(c) >= COALESCE and c in large] == large  # each alone, whole
     assert len(chunks) < len(frames)  # (the 300 ten-byte frames did not cost a read each)
+
+
+class RecordingSocket:
+    """A socket whose recv sizes are recorded (everything else is the real socket's)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self.asked: list[int] = []
+
+    def recv(self, n: int) -> bytes:
+        self.asked.append(n)
+        return self._sock.recv(n)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._sock, name)
+
+
+def test_the_reader_asks_for_small_reads_until_one_comes_back_full() -> None:
+    """recv(n) allocates n bytes first (an mmap above glibc's threshold): the reader asks for
+    SMALL_RECV, and for RECV_SIZE only after a read that came back full, until a short one."""
+    from rhttp_wsgi._tunnel import RECV_SIZE, SMALL_RECV
+
+    a, b = socket.socketpair()
+    rec = RecordingSocket(a)
+    options = TunnelOptions()
+    tunnel = Tunnel(rec, None, TunnelProtocol("client", options), options, name="proxy-side")  # type: ignore[arg-type]
+    thread = threading.Thread(target=tunnel.run, name="proxy-side", daemon=True)
+    thread.start()
+    try:
+        w = HandWorker(b)
+        assert tunnel.ready.wait(WAIT)
+        ch = tunnel.open_stream(REQUEST, end_stream=True)
+        sid = w.wait_request()
+        w.proto.send_headers(sid, [(":status", "200")])
+        w.flush()
+        assert ch.wait_response(WAIT)
+        small = len(rec.asked)
+        assert set(rec.asked) == {SMALL_RECV}  # the handshake and a response head: short reads
+        body = b"x" * (3 * SMALL_RECV)
+        for i in range(0, len(body), 16384):  # more than SMALL_RECV waiting at once
+            w.proto.send_data(sid, body[i:i + 16384])
+        w.proto.end_stream(sid)
+        b.sendall(w.proto.data_to_send())
+        got = b""
+        while True:
+            c = ch.read_chunk(WAIT)
+            if not c:
+                break
+            got += c
+        assert got == body
+        later = rec.asked[small:]
+        assert RECV_SIZE in later  # a full read: the next asked for more
+        assert rec.asked[-1] == SMALL_RECV  # (the short read that followed went back to small)
+    finally:
+        tunnel.close("test teardown")
+        thread.join(WAIT)
+        b.close()
