@@ -534,19 +534,25 @@ class TLSSession:
         """Feed ciphertext; return the plaintext it completes (possibly b'')."""
         self._conn.bio_write(data)
         chunks = []
-        while True:
-            try:
-                chunks.append(self._conn.recv(_RECORD_MAX))
-            except SSL.WantReadError:
-                break
-            except SSL.ZeroReturnError:
-                self.closed = True
-                break
-            except SSL.Error as e:
-                raise self._failure(e, "TLS error") from e
+        recv = self._conn.recv
+        while (chunk := self._record(recv, _RECORD_MAX)) is not None:
+            chunks.append(chunk)
         if len(chunks) == 1:
             return chunks[0]
         return b"".join(chunks)
+
+    def _record(self, read: Callable[..., _T], *args: Any) -> _T | None:
+        """One ``SSL_read`` (``read(*args)``): its result, or None once no whole record waits
+        (or the peer closed: then ``closed`` is set)."""
+        try:
+            return read(*args)
+        except SSL.WantReadError:
+            return None
+        except SSL.ZeroReturnError:
+            self.closed = True
+            return None
+        except SSL.Error as e:
+            raise self._failure(e, "TLS error") from e
 
     def decrypt_view(self, data: bytes) -> bytes | memoryview:
         """:meth:`decrypt`; a large read's plaintext comes as a view of this session's own
@@ -578,15 +584,10 @@ class TLSSession:
                 buf = self._plain = bigger
                 view = memoryview(buf)
                 room = len(buf) - pos
-            try:
-                pos += self._conn.recv_into(view[pos:], min(room, _RECORD_MAX))
-            except SSL.WantReadError:
+            n = self._record(self._conn.recv_into, view[pos:], min(room, _RECORD_MAX))
+            if n is None:
                 break
-            except SSL.ZeroReturnError:
-                self.closed = True
-                break
-            except SSL.Error as e:
-                raise self._failure(e, "TLS error") from e
+            pos += n
         return view[:pos]
 
     def encrypt(self, data: bytes | bytearray) -> bytes:
