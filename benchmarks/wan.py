@@ -11,6 +11,8 @@ each the delay line (``benchmarks/delayline.py``, its own process) sits where th
                       windows tuned, the defaults);
 * ``proxy-fixed``   — the same with ``--max-window-size`` = ``--initial-window-size`` on both ends:
                       the fixed 1 MiB windows of before;
+* ``proxy-32m``     — window caps of 32 MiB per stream / 64 MiB per tunnel (the defaults before
+                      session 6; only with ``--systems``);
 * ``haproxy``       — client → HAProxy 3.x → delay line → worker, with
                       ``tune.h2.fe.initial-window-size`` = ``--haproxy-window`` (the window HAProxy
                       grants the worker's responses: a reverse tunnel is a frontend connection);
@@ -288,9 +290,9 @@ def main(argv: list[str] | None = None) -> int:
                 "proxy": lambda: start_proxy(lab, "proxy", args.delay, args.rate, []),
                 "proxy-fixed": lambda: start_proxy(lab, "proxy-fixed", args.delay, args.rate,
                                                    ["--max-window-size", "1048576"]),
-                "proxy-64m": lambda: start_proxy(lab, "proxy-64m", args.delay, args.rate,
-                                                 ["--max-window-size", str(64 * MIB),
-                                                  "--max-connection-window-size", str(128 * MIB)]),
+                "proxy-32m": lambda: start_proxy(lab, "proxy-32m", args.delay, args.rate,
+                                                 ["--max-window-size", str(32 * MIB),
+                                                  "--max-connection-window-size", str(64 * MIB)]),
                 "haproxy": lambda: start_haproxy(lab, "haproxy", haproxy or "", args.haproxy_window,
                                                  args.haproxy_bufsize or None, args.delay, args.rate),
                 "haproxy-16k": lambda: start_haproxy(lab, "haproxy-16k", haproxy or "", args.haproxy_window,

@@ -58,6 +58,7 @@ less (each bounded, so no peer can use it to grow our state or work for free):
 from __future__ import annotations
 
 import struct
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,6 +120,31 @@ def _error_code(code: int) -> ErrorCodes | int:
         return ErrorCodes(code)
     except ValueError:
         return code
+
+
+class WindowBudget:
+    """Bytes the connection receive windows of a whole process may grow beyond their start.
+
+    Shared by every tunnel of a process (each calls it under its own tunnel lock; this lock is a
+    leaf): with it, what all tunnels together can leave unread is bounded per process --
+    tunnels x ``connection_window_size`` plus this -- rather than tunnels x the cap.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> int:
+        """Reserve up to ``n`` bytes; returns what was granted (0 when spent)."""
+        with self._lock:
+            granted = max(0, min(n, self.limit - self.used))
+            self.used += granted
+            return granted
+
+    def give(self, n: int) -> None:
+        with self._lock:
+            self.used -= n
 
 
 @dataclass(frozen=True)
@@ -324,8 +350,12 @@ class H2Core:
     (what the peer may send), and :attr:`lingering_handlers`.
     """
 
-    def __init__(self, config: H2Config) -> None:
+    def __init__(self, config: H2Config, budget: WindowBudget | None = None) -> None:
         self.config = config
+        #: Where the connection window's growth comes from (None: only the cap limits it).
+        self._budget = budget
+        #: What this connection took from it (given back by release_window_growth).
+        self._conn_extra = 0
         self.client_side = config.client_side
         self.remote_settings = Settings()
         self.encoder = Encoder()
@@ -665,9 +695,14 @@ class H2Core:
                 grown = self._grown(self.inbound_max, self._conn_cap, self._conn_updated, t, 0, processed)
                 self._conn_updated = t
                 if grown:
-                    inc += grown - self.inbound_max
-                    self.inbound_max = grown
-                    self._conn_grown = True
+                    extra = grown - self.inbound_max
+                    if self._budget is not None:
+                        extra = self._budget.take(extra)
+                        self._conn_extra += extra
+                    if extra > 0:
+                        inc += extra
+                        self.inbound_max += extra
+                        self._conn_grown = True
             self.inbound_processed = 0
             self.inbound_window += inc
             self._frame(WINDOW_UPDATE, 0, 0, _U32.pack(inc))
@@ -686,8 +721,10 @@ class H2Core:
                     measured = st.in_measured = st.in_measured + processed
                     if measured >= window >> 2:
                         t = self._now if now is None else now
-                        grown = self._grown(window, self._stream_cap, st.in_updated, t, self.stream_window_learned,
-                                            measured)
+                        # (never more than half the connection window: one stalled stream must
+                        # not hold every byte the tunnel may receive)
+                        cap = min(self._stream_cap, self.inbound_max >> 1)
+                        grown = self._grown(window, cap, st.in_updated, t, self.stream_window_learned, measured)
                         st.in_updated = t
                         st.in_measured = 0
                         if grown:
@@ -698,6 +735,13 @@ class H2Core:
                 st.in_processed = 0
                 st.in_window += inc
                 self._frame(WINDOW_UPDATE, 0, stream_id, _U32.pack(inc))
+
+    def release_window_growth(self) -> None:
+        """Give back what the connection window took from the process's budget (the tunnel is
+        gone; idempotent)."""
+        if self._budget is not None and self._conn_extra:
+            self._budget.give(self._conn_extra)
+            self._conn_extra = 0
 
     def _grant_learned(self, st: Stream) -> None:
         """Open a new stream's window to :attr:`stream_window_learned` (window tuning)."""

@@ -88,11 +88,12 @@ import h2.events
 import h2.exceptions
 from h2.errors import ErrorCodes
 
-from ._h2core import H2Config, H2Core, HeadersOverLimit, StreamRefused
+from ._h2core import H2Config, H2Core, HeadersOverLimit, StreamRefused, WindowBudget
 from .errors import ProtocolViolation
 from .options import TunnelOptions, WorkerOptions
 
-__all__ = ["PREFACE", "HeadersOverLimit", "StreamRefused", "TunnelDead", "TunnelProtocol", "core_config"]
+__all__ = ["PREFACE", "HeadersOverLimit", "StreamRefused", "TunnelDead", "TunnelProtocol", "WindowBudget",
+           "core_config"]
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _SETTINGS_FRAME_TYPE = 0x4
@@ -188,18 +189,21 @@ class TunnelProtocol:
     * ``data_to_send() -> bytes`` and ``has_output() -> bool``: the queued output;
     * ``handler_lingered()`` / ``handler_returned()``: a stream ended while its
       handler still runs (+1) / that handler returned (-1), see :attr:`lingering_handlers`;
-    * ``stop_new_streams()``: refuse every stream the peer opens from now on.
+    * ``stop_new_streams()``: refuse every stream the peer opens from now on;
+    * ``release_window_growth()``: the tunnel is gone: give the connection window's growth back to
+      the process's :class:`~rhttp_wsgi._h2core.WindowBudget`.
 
     Send methods raise ``h2.exceptions`` (``StreamClosedError``, ``FlowControlError``,
     ``FrameTooLargeError``, ``ProtocolError``) on misuse, as h2 does.
     """
 
-    def __init__(self, role: Role, options: TunnelOptions) -> None:
+    def __init__(self, role: Role, options: TunnelOptions, budget: WindowBudget | None = None) -> None:
         self.role: Role = role
         #: The options this tunnel end was built from (read-only).
         self.options = options
         #: The HTTP/2 state machine.  For tests and diagnostics: the tunnel calls the methods here.
-        self.core = core = H2Core(core_config(role, options))
+        #: ``budget``: the process's allowance for connection-window growth (shared by its tunnels).
+        self.core = core = H2Core(core_config(role, options), budget)
         self._ping_interval = options.ping_interval
         self._ping_timeout = options.ping_timeout
         self._max_backlog = options.max_output_backlog
@@ -231,6 +235,7 @@ class TunnelProtocol:
         self.data_to_send = core.data_to_send
         self.has_output = core.has_output
         self.handler_lingered = core.handler_lingered
+        self.release_window_growth = core.release_window_growth
         self.handler_returned = core.handler_returned
         self.stop_new_streams = core.stop_new_streams
         self._receive_data = core.receive_data

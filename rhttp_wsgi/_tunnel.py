@@ -737,6 +737,8 @@ class Tunnel:
                 self.sock.close()
             except OSError:  # pragma: no cover
                 pass
+            with self.lock:
+                self.proto.release_window_growth()
             self.closed.set()
         return self.close_reason or reason
 

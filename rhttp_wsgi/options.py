@@ -355,7 +355,7 @@ class TunnelOptions:
     )
     access_log_format: str = _opt("combined", FORMAT_HELP, metavar="FORMAT")
     max_window_size: int = _opt(
-        32 << 20,
+        64 << 20,
         "Largest a stream's receive window grows to (bytes). A window starts at initial_window_size and grows"
         " toward the bandwidth-delay product, up to this, while its reader keeps up and the peer is held back"
         " by the window (half of it read within two PING round trips), so a long fat pipe fills; a slow or"
@@ -365,12 +365,21 @@ class TunnelOptions:
         maximum=MAX_WINDOW,
     )
     max_connection_window_size: int = _opt(
-        1 << 26,
+        1 << 27,
         "Largest the connection receive window grows to (bytes), the same way, from connection_window_size:"
-        " the cap on the bytes all streams of a tunnel together leave unread. At or below"
+        " the cap on the bytes all streams of a tunnel together leave unread. A stream's window never grows"
+        " past half of its connection's, so one stalled stream cannot hold a whole tunnel. At or below"
         " connection_window_size: fixed.",
         minimum=65535,
         maximum=MAX_WINDOW,
+    )
+    max_window_growth: int = _opt(
+        1 << 28,
+        "What the connection windows of all this process's tunnels together may grow beyond"
+        " connection_window_size (bytes), taken as they grow and given back when a tunnel closes: what a"
+        " process's tunnels can leave unread is at most tunnels x connection_window_size plus this. 0: windows"
+        " of connections stay at connection_window_size (streams then grow to half of it at most).",
+        minimum=0,
     )
 
     def __post_init__(self) -> None:

@@ -53,7 +53,7 @@ from typing import Any
 from h2.errors import ErrorCodes
 from OpenSSL import SSL
 
-from ._protocol import TunnelProtocol
+from ._protocol import TunnelProtocol, WindowBudget
 from ._tunnel import Tunnel
 from .balancing import Selector, resolve_selector
 from .errors import TLSSetupError
@@ -120,6 +120,8 @@ class Proxy:
         self.wsgi_app: WSGIApp = self._forwarder
         self._lock = threading.Lock()
         self._seq = itertools.count(1)
+        #: What all tunnels' connection windows may grow beyond their start, together (max_window_growth).
+        self._window_budget = WindowBudget(options.max_window_growth)
         self._listeners: list[ThreadedTCPServer] = []
         self._publics: list[PublicServer] = []
         self._threads: list[threading.Thread] = []
@@ -205,7 +207,7 @@ class Proxy:
         worker = WorkerInfo(next(self._seq), cert, tuple(addr) if isinstance(addr, tuple) else (addr,),
                             tls_version=session.protocol_version())
         tunnel = Tunnel(
-            sock, session, TunnelProtocol("client", o), o,
+            sock, session, TunnelProtocol("client", o, self._window_budget), o,
             name=f"worker-{worker.id}",
             on_ready=lambda t: self._events.put(("attach", worker)),
         )

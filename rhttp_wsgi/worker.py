@@ -32,7 +32,7 @@ from h2.errors import ErrorCodes
 from OpenSSL import SSL
 
 from ._pool import AppThreadPool
-from ._protocol import TunnelProtocol
+from ._protocol import TunnelProtocol, WindowBudget
 from ._signals import stop_signals
 from ._tunnel import Tunnel
 from .accesslog import AccessLog, TunnelIdentity
@@ -244,6 +244,8 @@ class WorkerPool:
         self._connected = threading.Event()
         self._shutdown_result = True
         self._pool = AppThreadPool(options.threads)
+        #: What all tunnels' connection windows may grow beyond their start, together (max_window_growth).
+        self._window_budget = WindowBudget(options.max_window_growth)
         #: WebSockets' own pool and limit (max_websockets), shared by the tunnels; None when off.
         self._websockets = WebSocketService.from_options(options)
         #: None when the access log is off (options.access_log).
@@ -579,7 +581,7 @@ class WorkerPool:
                               forwarded_for=1 + o.forwarded_for_hops if o.forwarded_for else 0,
                               access_log=self._access, identity=self._identity(name, sock))
             tunnel = Tunnel(
-                sock, session, TunnelProtocol("server", o), o,
+                sock, session, TunnelProtocol("server", o, self._window_budget), o,
                 name=name,
                 streams=StreamPolicy(o, ctx, self._pool.submit, websockets=self._websockets),
                 on_ready=lambda t: self._on_ready(slot, t),

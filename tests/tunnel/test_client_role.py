@@ -202,3 +202,20 @@ def test_the_reader_asks_for_small_reads_until_one_comes_back_full() -> None:
         tunnel.close("test teardown")
         thread.join(WAIT)
         b.close()
+
+
+def test_a_closed_tunnel_gives_its_window_growth_back(pair: tuple[Tunnel, HandWorker]) -> None:
+    """Tunnel.run() ends by returning the connection window's growth to the process's budget
+    (tests/unit/test_window_tuning.py checks what is given back)."""
+    tunnel, _w = pair
+    calls: list[int] = []
+    release = tunnel.proto.release_window_growth
+
+    def counted() -> None:
+        calls.append(1)
+        release()
+
+    tunnel.proto.release_window_growth = counted  # type: ignore[method-assign]
+    tunnel.close("test")
+    assert tunnel.closed.wait(WAIT)
+    assert calls == [1]

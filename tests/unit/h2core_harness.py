@@ -28,7 +28,7 @@ import pytest
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 
-from rhttp_wsgi._h2core import H2Config, H2Core
+from rhttp_wsgi._h2core import H2Config, H2Core, WindowBudget
 from rhttp_wsgi._protocol import PREFACE, TunnelProtocol, core_config
 from rhttp_wsgi.errors import ProtocolViolation
 from rhttp_wsgi.options import ProxyOptions, TunnelOptions, WorkerOptions
@@ -181,10 +181,10 @@ class Raw:
 
     def __init__(self, role: str = "server", opts: TunnelOptions | None = None,
                  peer_settings: dict[int, int] | None = None, handshake: bool = True,
-                 cfg: H2Config | None = None) -> None:
+                 cfg: H2Config | None = None, budget: WindowBudget | None = None) -> None:
         self.role = role
         self.proto: Any = CoreDriver(role, cfg) if cfg is not None else \
-            TunnelProtocol(role, opts or options(role))  # type: ignore[arg-type]
+            TunnelProtocol(role, opts or options(role), budget)  # type: ignore[arg-type]
         self.core: H2Core = self.proto.core
         self.enc = hpack.Encoder()   # what the peer sends
         self.dec = hpack.Decoder()   # what we send

@@ -22,7 +22,7 @@ import pytest
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 
-from rhttp_wsgi._h2core import RTT_PROBE_GAP
+from rhttp_wsgi._h2core import RTT_PROBE_GAP, WindowBudget
 from rhttp_wsgi._protocol import PREFACE, TunnelProtocol
 from tests.unit.h2core_harness import (
     ACK,
@@ -214,8 +214,8 @@ class Path:
     STEP = 0.001
 
     def __init__(self, role: str, *, delay: float, rate: float, read_rate: float | None,
-                 streams: int = 1, **opts: Any) -> None:
-        self.r = Raw(role, options(role, **opts))
+                 streams: int = 1, budget: WindowBudget | None = None, **opts: Any) -> None:
+        self.r = Raw(role, options(role, **opts), budget=budget)
         self.delay = delay
         self.rate = rate
         self.read_rate = read_rate
@@ -454,3 +454,33 @@ def test_grown_windows_return_credit_in_eighths_and_the_connection_in_quarters()
     conn = [inc for sid, inc in late if sid == 0]
     assert len(stream) > 20 and all(MiB <= inc < 2 * MiB for inc in stream), stream
     assert conn and all(inc == 8 * MiB for inc in conn), conn
+
+
+def test_a_stream_window_never_grows_past_half_its_connection_window() -> None:
+    """A 64 MiB stream cap on a tunnel whose connection window is fixed at 8 MiB: the stream stops at
+    4 MiB, so one stalled stream can never hold every byte the tunnel may receive."""
+    p = Path("server", delay=0.025, rate=1e9, read_rate=None, max_window_size=64 * MiB,
+             connection_window_size=8 * MiB, max_connection_window_size=8 * MiB).run(1.0)
+    assert p.window() == 4 * MiB
+    assert p.r.proto.receive_windows()[1] == 8 * MiB
+
+
+def test_connection_windows_grow_from_one_budget_per_process_and_give_it_back() -> None:
+    """Two tunnels of one process share a 24 MiB growth budget: the first connection window grows
+    by all of it (16 -> 40 MiB, under its 64 MiB cap), the second cannot grow and its stream stays
+    at half its 16 MiB; once the first tunnel is gone the budget is whole again and a new tunnel
+    grows."""
+    budget = WindowBudget(24 * MiB)
+    opts = {"max_window_size": 32 * MiB, "connection_window_size": 16 * MiB,
+            "max_connection_window_size": 64 * MiB}
+    first = Path("server", delay=0.025, rate=1e9, read_rate=None, budget=budget, **opts).run(1.0)
+    assert first.r.proto.receive_windows()[1] == 40 * MiB
+    assert budget.used == 24 * MiB
+    second = Path("server", delay=0.025, rate=1e9, read_rate=None, budget=budget, **opts).run(1.0)
+    assert second.r.proto.receive_windows()[1] == 16 * MiB
+    assert second.window() == 8 * MiB
+    first.r.proto.release_window_growth()
+    first.r.proto.release_window_growth()  # (idempotent)
+    assert budget.used == 0
+    third = Path("server", delay=0.025, rate=1e9, read_rate=None, budget=budget, **opts).run(1.0)
+    assert third.r.proto.receive_windows()[1] > 16 * MiB
