@@ -357,3 +357,76 @@ def test_goaway_with_an_unknown_error_code() -> None:
     [term] = r.feed(goaway(0, 0xABCDEF))
     assert term.error_code == 0xABCDEF
     assert not r.core.closed
+
+
+def _norm(events: list[Any]) -> list[tuple[Any, ...]]:
+    """Events as comparable tuples (h2's header tuples and ours compare as plain byte pairs)."""
+    out: list[tuple[Any, ...]] = []
+    for e in events:
+        t = type(e).__name__
+        if isinstance(e, (ev.RequestReceived, ev.TrailersReceived)):
+            out.append((t, e.stream_id, [(bytes(k), bytes(v)) for k, v in e.headers]))
+        elif isinstance(e, ev.DataReceived):
+            out.append((t, e.stream_id, bytes(e.data), e.flow_controlled_length))
+        elif isinstance(e, (ev.StreamEnded, ev.StreamReset)):
+            out.append((t, e.stream_id, getattr(e, "error_code", None)))
+        elif isinstance(e, ev.WindowUpdated):
+            out.append((t, e.stream_id, e.delta))
+        elif isinstance(e, (ev.PingReceived, ev.PingAckReceived)):
+            out.append((t, e.ping_data))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_split_reads_give_h2s_events(seed: int) -> None:
+    """Differential against h2: the same valid frames -- requests, bodies of every size up to
+    16 KiB per frame (a bulk body of ~400 KiB among them), padding, trailers, PINGs, window
+    updates, resets -- cut into random reads (a byte to 300 KiB, as bytes or as a memoryview, as
+    the tunnel reader hands over a large read) give our core and h2's H2Connection the same events."""
+    import hpack
+    from h2.config import H2Configuration
+    from h2.connection import H2Connection
+
+    from rhttp_wsgi._protocol import TunnelProtocol
+
+    rng = random.Random(seed)
+    enc = hpack.Encoder()
+    frames = [settings(), settings_ack()]
+    body = {1: b"", 3: b"", 5: b""}
+    for sid in (1, 3, 5):
+        frames.append(frame(HEADERS, END_HEADERS, sid, enc.encode([*REQ, (b"x-n", str(sid).encode())])))
+    for i in range(60):
+        sid = rng.choice((1, 3, 5))
+        n = rng.choice((1, 100, 5000, 16384))
+        chunk = rng.randbytes(n)
+        body[sid] += chunk
+        frames.append(data(sid, chunk, pad=rng.choice((None, None, 0, 7)) if n < 16384 else None))
+        if i % 9 == 0:
+            frames.append(ping(rng.randbytes(8)))
+        if i % 13 == 0:
+            frames.append(window_update(0, rng.randint(1, 1000)))
+    frames += [data(1, b"", end=True), frame(HEADERS, END_HEADERS | END_STREAM, 3, enc.encode([(b"x-t", b"1")])),
+               rst(5, E.CANCEL)]
+    stream = b"".join(frames)
+
+    ours = TunnelProtocol("server", options("server", max_resets=0, control_frame_rate=0,
+                                            initial_window_size=1 << 24, connection_window_size=1 << 26))
+    ours.initiate(0.0)
+    ours.data_to_send()
+    theirs = H2Connection(H2Configuration(client_side=False, header_encoding=None))
+    theirs.initiate_connection()
+    theirs.update_settings({S.INITIAL_WINDOW_SIZE: 1 << 24})
+    theirs.increment_flow_control_window((1 << 26) - 65535)
+    theirs.data_to_send()
+    theirs.receive_data(PREFACE)
+    got_ours: list[Any] = []
+    got_theirs: list[Any] = []
+    pos = 0
+    while pos < len(stream):
+        n = min(rng.choice((1, 7, 9, 100, 16393, 40_000, 300_000)), len(stream) - pos)
+        piece = stream[pos:pos + n]
+        got_ours += ours.receive(memoryview(piece) if rng.random() < 0.5 else piece, 1.0)
+        got_theirs += theirs.receive_data(piece)
+        pos += n
+    assert _norm(got_ours) == _norm(got_theirs)
+    assert sum(len(e.data) for e in got_ours if isinstance(e, ev.DataReceived)) == sum(map(len, body.values()))
