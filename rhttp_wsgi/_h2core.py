@@ -354,7 +354,8 @@ class H2Core:
         self.config = config
         #: Where the connection window's growth comes from (None: only the cap limits it).
         self._budget = budget
-        #: What this connection took from it (given back by release_window_growth).
+        #: What the connection window grew beyond its start (taken from the budget when there is one,
+        #: given back by release_window_growth); once it grew, its credit goes back at each quarter.
         self._conn_extra = 0
         self.client_side = config.client_side
         self.remote_settings = Settings()
@@ -383,7 +384,6 @@ class H2Core:
         #: too jumps at once (same path, same peer).
         self.stream_window_learned = config.initial_window_size
         self._conn_updated = 0.0  # when connection credit last went back (0: no DATA yet)
-        self._conn_grown = False  # the connection window grew (then credit goes back at each quarter)
         self._settings_sent: float | None = None  # when our first SETTINGS went out (initiate_connection)
         self._probe: bytes | None = None  # the probe PING in flight
         self._probe_sent = 0.0
@@ -685,7 +685,7 @@ class H2Core:
             raise ValueError("negative acknowledged size")
         self.inbound_processed += acknowledged_size
         processed = self.inbound_processed
-        if self._conn_grown and processed >= self.inbound_max >> 2:  # grown: credit at each quarter
+        if self._conn_extra and processed >= self.inbound_max >> 2:  # grown: credit at each quarter
             inc = min(processed, self.inbound_max - self.inbound_window)
         else:
             inc = _window_increment(self.inbound_window, self.inbound_max, processed)
@@ -698,11 +698,10 @@ class H2Core:
                     extra = grown - self.inbound_max
                     if self._budget is not None:
                         extra = self._budget.take(extra)
-                        self._conn_extra += extra
                     if extra > 0:
                         inc += extra
                         self.inbound_max += extra
-                        self._conn_grown = True
+                        self._conn_extra += extra
             self.inbound_processed = 0
             self.inbound_window += inc
             self._frame(WINDOW_UPDATE, 0, 0, _U32.pack(inc))

@@ -666,8 +666,6 @@ class Tunnel:
         self.streams = streams
         self.lock = threading.Lock()
         self._wake = threading.Condition(self.lock)
-        #: The writer is in ``_wake.wait`` (see _wake_writer_locked).
-        self._writer_waiting = False
         self._on_ready = on_ready
         self._on_goaway = on_goaway
         self._clock = clock
@@ -839,11 +837,7 @@ class Tunnel:
                     # at the next wake-up (which is its ACK deadline).
                     if self._dirty or self._ready or proto.has_output():
                         break
-                    self._writer_waiting = True
-                    try:
-                        self._wake.wait(max(0.0, next_t - now))
-                    finally:
-                        self._writer_waiting = False
+                    self._wake.wait(max(0.0, next_t - now))
                 self._dirty = False
                 if self._ready and not final:
                     self._flush_ready_locked(now)
@@ -1010,19 +1004,13 @@ class Tunnel:
 
     def _kick_locked(self) -> None:
         self._dirty = True
-        self._wake_writer_locked()
+        self._wake.notify()
 
     def _schedule_locked(self, ch: Channel) -> None:
         """``ch`` has output to move into the core: wake the writer."""
         self._ready.add(ch)
         self._dirty = True
-        self._wake_writer_locked()
-
-    def _wake_writer_locked(self) -> None:
-        # Only a waiting writer needs the notify (it checks _dirty and the timers under the lock
-        # before it waits); a busy one would pay a Condition.notify per app write or credit.
-        if self._writer_waiting:
-            self._wake.notify()
+        self._wake.notify()
 
     def _credit_locked(self, stream_id: int, n: int) -> None:
         if n <= 0 or self._closing:
@@ -1063,7 +1051,7 @@ class Tunnel:
         if len(queue) == 1:
             # The writer sleeps until its next timer; within a queue only a
             # first deadline can be earlier than what it already knows.
-            self._wake_writer_locked()
+            self._wake.notify()
 
     def _stream_timers_locked(self, now: float) -> float:
         """Expire streams past their deadline or stalled past their send-stall limit.
@@ -1111,7 +1099,7 @@ class Tunnel:
         for ch in list(self._channels.values()):
             ch._fail_locked(err)
         self._channels.clear()
-        self._wake_writer_locked()
+        self._wake.notify()
 
     # -- public, any thread ---------------------------------------------------------------
 
